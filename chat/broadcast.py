@@ -1,0 +1,34 @@
+"""The one seam through which every room event reaches the sockets of a room.
+
+Events are encoded once here; the group message carries the ready text and the
+consumer's handler only sends it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from chat.protocol import encode, room_group_name
+
+# The channel-layer message type; ChatConsumer.chat_event handles it.
+CHAT_EVENT = "chat.event"
+
+
+async def broadcast_room_async(
+    slug: str, event: dict[str, Any], *, exclude_channel: str | None = None
+) -> None:
+    """Sends `event` to every socket in room `slug` (but `exclude_channel`)."""
+    message: dict[str, Any] = {"type": CHAT_EVENT, "text": encode(event)}
+    if exclude_channel is not None:
+        message["exclude"] = exclude_channel
+    await get_channel_layer().group_send(room_group_name(slug), message)
+
+
+def broadcast_room(
+    slug: str, event: dict[str, Any], *, exclude_channel: str | None = None
+) -> None:
+    """Sync form of broadcast_room_async, for services, views and the admin."""
+    async_to_sync(broadcast_room_async)(slug, event, exclude_channel=exclude_channel)

@@ -1,0 +1,180 @@
+"""ChatConsumer: one WebSocket in one room. Frames in through protocol, out through
+services and the broadcast seam; no ORM and no JSON building here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import presence, protocol, services
+from chat.broadcast import broadcast_room_async
+from chat.limits import Throttle, TokenBucket
+from chat.models import Room
+
+logger = logging.getLogger(__name__)
+
+
+def frame_limits() -> protocol.Limits:
+    """Returns the frame limits from settings (read per socket, not at import)."""
+    return protocol.Limits(
+        max_frame_bytes=settings.CHAT_MAX_FRAME_BYTES,
+        max_message_length=settings.CHAT_MAX_MESSAGE_LENGTH,
+        history_page=settings.CHAT_HISTORY_PAGE,
+        history_max=settings.CHAT_HISTORY_MAX,
+    )
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    room: Room | None = None
+    group: str | None = None
+    registered = False
+
+    # ------------------------------------------------------------------
+    # Connection lifecycle
+    # ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Called on the handshake: check who and where, join, send `welcome`."""
+        # Accept first: a close before accept is an HTTP 403 and the client
+        # never sees the close code that says why.
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
+            return
+        slug = self.scope["url_route"]["kwargs"]["room"]
+        self.room = await database_sync_to_async(services.room_get)(slug=slug)
+        if self.room is None:
+            await self.close(code=protocol.CLOSE_NO_SUCH_ROOM)
+            return
+
+        self.user = user
+        self.limits = frame_limits()
+        self.post_rate = TokenBucket(
+            settings.CHAT_RATE_MESSAGES, settings.CHAT_RATE_WINDOW_SECONDS
+        )
+        self.typing_throttle = Throttle(settings.CHAT_TYPING_INTERVAL_SECONDS)
+
+        since = None
+        try:
+            since = protocol.parse_since(self.scope.get("query_string", b""))
+        except protocol.ProtocolError as error:
+            await self.send_error(error)
+
+        # Join the group before reading the backlog, so that nothing posted in
+        # between is missed; the client drops seqs it has already shown.
+        self.group = protocol.room_group_name(self.room.slug)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            await database_sync_to_async(presence.connection_open)(
+                room=self.room,
+                user=user,
+                channel_name=self.channel_name,
+                address=self.client_address(),
+                max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+            )
+        except presence.TooManyConnections:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.close(code=protocol.CLOSE_TOO_MANY_CONNECTIONS)
+            return
+        self.registered = True
+        welcome = await database_sync_to_async(services.room_welcome)(
+            room=self.room,
+            user=user,
+            since=since,
+            page_size=settings.CHAT_HISTORY_PAGE,
+            resume_max=settings.CHAT_RESUME_MAX,
+        )
+        await self.send_event(welcome)
+
+    async def disconnect(self, code: int) -> None:
+        """Called when the socket closes: leave the group and the presence store."""
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.registered:
+            self.registered = False
+            await database_sync_to_async(presence.connection_close)(
+                channel_name=self.channel_name
+            )
+
+    def client_address(self) -> str:
+        client = self.scope.get("client")
+        return client[0] if client else ""
+
+    # ------------------------------------------------------------------
+    # Client frames
+    # ------------------------------------------------------------------
+
+    async def receive(self, text_data=None, bytes_data=None) -> None:
+        """Called with each client frame; any bad frame gets one `error` frame."""
+        if not self.registered:
+            return
+        try:
+            command = protocol.parse_client_frame(text_data, bytes_data, self.limits)
+            if isinstance(command, protocol.PostMessage):
+                await self.post_message(command)
+            elif isinstance(command, protocol.Typing):
+                await self.send_typing()
+            elif isinstance(command, protocol.HistoryRequest):
+                await self.send_history(command)
+        except protocol.ProtocolError as error:
+            await self.send_error(error)
+
+    async def post_message(self, command: protocol.PostMessage) -> None:
+        if not self.post_rate.allow():
+            raise protocol.ProtocolError(
+                protocol.ERROR_RATE_LIMITED,
+                f"too many messages; retry in {self.post_rate.retry_after():.1f} s",
+                command.client_id,
+            )
+        message, created = await database_sync_to_async(services.message_post)(
+            room=self.room, user=self.user, text=command.text, client_id=command.client_id
+        )
+        if not created:
+            # A retried send: the original went to the room already, so only
+            # the sender gets it again, as its acknowledgement.
+            await self.send_event(
+                services.message_event(message, room_slug=self.room.slug)
+            )
+
+    async def send_typing(self) -> None:
+        if self.typing_throttle.allow():
+            await broadcast_room_async(
+                self.room.slug,
+                protocol.event_typing(user=self.user.get_username()),
+                exclude_channel=self.channel_name,
+            )
+
+    async def send_history(self, command: protocol.HistoryRequest) -> None:
+        if not self.post_rate.allow():
+            raise protocol.ProtocolError(
+                protocol.ERROR_RATE_LIMITED,
+                f"too many requests; retry in {self.post_rate.retry_after():.1f} s",
+            )
+        page = await database_sync_to_async(services.room_history)(
+            room=self.room, before=command.before, limit=command.limit
+        )
+        await self.send_event(
+            protocol.event_history(
+                before=command.before, messages=page.events, has_more=page.has_more
+            )
+        )
+
+    # ------------------------------------------------------------------
+    # Server events
+    # ------------------------------------------------------------------
+
+    async def send_event(self, event: dict) -> None:
+        await self.send(text_data=protocol.encode(event))
+
+    async def send_error(self, error: protocol.ProtocolError) -> None:
+        await self.send_event(protocol.event_error(error.code, error.detail, error.ref))
+
+    async def chat_event(self, message: dict) -> None:
+        """Called for each room broadcast: the text is ready, send it as it is."""
+        if message.get("exclude") != self.channel_name:
+            await self.send(text_data=message["text"])

@@ -1,0 +1,55 @@
+"""Per-socket rate limits: plain objects with an injectable clock, testable alone."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+class TokenBucket:
+    """Allows `capacity` actions at once, refilled at `capacity / window` per second."""
+
+    def __init__(
+        self,
+        capacity: int,
+        window_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self.rate = capacity / window_seconds
+        self.clock = clock
+        self.tokens = float(capacity)
+        self.updated = clock()
+
+    def allow(self) -> bool:
+        """Returns True and takes a token if one is available."""
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def retry_after(self) -> float:
+        """Returns the seconds until the next token."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+
+class Throttle:
+    """Lets one action through per `interval_seconds`; the rest are dropped quietly."""
+
+    def __init__(
+        self, interval_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval_seconds
+        self.clock = clock
+        self.last: float | None = None
+
+    def allow(self) -> bool:
+        """Returns True when the previous allowed action is old enough."""
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True

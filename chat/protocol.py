@@ -1,0 +1,335 @@
+"""The wire format: room names, close codes, client frame parsing, server events.
+
+Pure: no ORM, no I/O. Every rule about what a frame may contain lives here, and
+every server event is built here and encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Union
+from urllib.parse import parse_qs
+
+# ---------------------------------------------------------------------------
+# Room names and groups
+# ---------------------------------------------------------------------------
+
+# re.fullmatch, and [0-9] rather than \d: "$" would let "room\n" through and \d
+# matches non-ASCII digits; both pass Channels' own group-name check.
+ROOM_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def is_valid_room_name(name: str) -> bool:
+    """Returns True when `name` is a lower-case slug of 1-64 characters."""
+    return isinstance(name, str) and ROOM_NAME_PATTERN.fullmatch(name) is not None
+
+
+def room_group_name(slug: str) -> str:
+    """Returns the channel-layer group of a room (the only place it is formatted)."""
+    if not is_valid_room_name(slug):
+        raise ValueError(f"invalid room name: {slug!r}")
+    return f"room.{slug}"
+
+
+# ---------------------------------------------------------------------------
+# Close codes and error codes
+# ---------------------------------------------------------------------------
+
+CLOSE_NOT_SIGNED_IN = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NO_SUCH_ROOM = 4404
+CLOSE_TOO_MANY_CONNECTIONS = 4429
+
+ERROR_BAD_JSON = "bad_json"
+ERROR_NOT_AN_OBJECT = "not_an_object"
+ERROR_UNKNOWN_TYPE = "unknown_type"
+ERROR_EMPTY_FRAME = "empty_frame"
+ERROR_BINARY_FRAME = "binary_frame"
+ERROR_FRAME_TOO_LARGE = "frame_too_large"
+ERROR_EMPTY_MESSAGE = "empty_message"
+ERROR_MESSAGE_TOO_LONG = "message_too_long"
+ERROR_INVALID_MESSAGE = "invalid_message"
+ERROR_INVALID_CLIENT_ID = "invalid_client_id"
+ERROR_INVALID_FIELD = "invalid_field"
+ERROR_INVALID_SINCE = "invalid_since"
+ERROR_RATE_LIMITED = "rate_limited"
+
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+# Newline and tab are text; every other control character (NUL above all, which
+# PostgreSQL refuses in text columns) is rejected.
+ALLOWED_CONTROL_CHARACTERS = {"\n", "\t"}
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be accepted; becomes one `error` frame."""
+
+    def __init__(self, code: str, detail: str, ref: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+# ---------------------------------------------------------------------------
+# Client frames
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostMessage:
+    text: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Typing:
+    pass
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    before: int | None
+    limit: int
+
+
+ClientCommand = Union[PostMessage, Typing, HistoryRequest]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits a frame is checked against (from settings, at call time)."""
+
+    max_frame_bytes: int
+    max_message_length: int
+    history_page: int
+    history_max: int
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def loads_strict(text: str) -> Any:
+    """Returns the JSON value of `text`; rejects NaN, Infinity and duplicate keys."""
+    return json.loads(
+        text,
+        parse_constant=_reject_constant,
+        object_pairs_hook=_reject_duplicate_keys,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clean_text(raw: Any, limits: Limits, ref: str | None) -> str:
+    if not isinstance(raw, str):
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "message must be a string", ref)
+    text = raw.strip()
+    if not text:
+        raise ProtocolError(ERROR_EMPTY_MESSAGE, "message is empty", ref)
+    if len(text) > limits.max_message_length:
+        raise ProtocolError(
+            ERROR_MESSAGE_TOO_LONG,
+            f"message is {len(text)} characters; the limit is "
+            f"{limits.max_message_length}",
+            ref,
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            ERROR_INVALID_MESSAGE, "message contains a lone surrogate", ref
+        )
+    for char in text:
+        if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
+            raise ProtocolError(
+                ERROR_INVALID_MESSAGE,
+                f"message contains control character U+{ord(char):04X}",
+                ref,
+            )
+    return text
+
+
+def _clean_client_id(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or CLIENT_ID_PATTERN.fullmatch(raw) is None:
+        raise ProtocolError(
+            ERROR_INVALID_CLIENT_ID,
+            "client_id must be 1-64 characters of letters, digits and _ . : -",
+        )
+    return raw
+
+
+def _clean_history(frame: dict[str, Any], limits: Limits) -> HistoryRequest:
+    before = frame.get("before")
+    if before is not None and (not _is_int(before) or before < 1):
+        raise ProtocolError(ERROR_INVALID_FIELD, "before must be a positive integer")
+    limit = frame.get("limit", limits.history_page)
+    if not _is_int(limit) or not 1 <= limit <= limits.history_max:
+        raise ProtocolError(
+            ERROR_INVALID_FIELD,
+            f"limit must be an integer from 1 to {limits.history_max}",
+        )
+    return HistoryRequest(before=before, limit=limit)
+
+
+def parse_client_frame(
+    text: str | None, binary: bytes | None, limits: Limits
+) -> ClientCommand:
+    """Returns the command a client frame asks for, or raises ProtocolError."""
+    if text is None:
+        if binary:
+            raise ProtocolError(ERROR_BINARY_FRAME, "binary frames are not supported")
+        raise ProtocolError(ERROR_EMPTY_FRAME, "the frame is empty")
+    if len(text.encode("utf-8", "surrogatepass")) > limits.max_frame_bytes:
+        raise ProtocolError(
+            ERROR_FRAME_TOO_LARGE,
+            f"frames are limited to {limits.max_frame_bytes} bytes",
+        )
+    if not text.strip():
+        raise ProtocolError(ERROR_EMPTY_FRAME, "the frame is empty")
+    try:
+        frame = loads_strict(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ERROR_BAD_JSON, f"invalid JSON: {exc}")
+    if not isinstance(frame, dict):
+        raise ProtocolError(ERROR_NOT_AN_OBJECT, "a frame must be a JSON object")
+
+    kind = frame.get("type")
+    # The Channels tutorial's frame has no type: {"message": "hi"} is a post.
+    if kind is None and "message" in frame:
+        kind = "message"
+    if kind == "message":
+        client_id = _clean_client_id(frame.get("client_id"))
+        return PostMessage(
+            text=_clean_text(frame.get("message"), limits, client_id),
+            client_id=client_id,
+        )
+    if kind == "typing":
+        return Typing()
+    if kind == "history":
+        return _clean_history(frame, limits)
+    if kind is None:
+        raise ProtocolError(ERROR_UNKNOWN_TYPE, "the frame has no type")
+    shown = kind if isinstance(kind, str) else json.dumps(kind)
+    raise ProtocolError(ERROR_UNKNOWN_TYPE, f"unknown frame type {shown[:64]!r}")
+
+
+def parse_since(query_string: bytes | str) -> int | None:
+    """Returns the `since` seq of a connect URL's query string (None if absent)."""
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    values = parse_qs(query_string).get("since")
+    if not values:
+        return None
+    value = values[-1]
+    # str.isdigit accepts non-ASCII digits; the seq is plain ASCII.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ProtocolError(ERROR_INVALID_SINCE, "since must be a non-negative integer")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------
+# Server events
+# ---------------------------------------------------------------------------
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Returns an ISO 8601 UTC timestamp with milliseconds and a Z."""
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def event_message(
+    *,
+    id: int,
+    seq: int,
+    room: str,
+    user: str,
+    message: str,
+    ts: datetime,
+    client_id: str | None,
+) -> dict[str, Any]:
+    """Returns a `message` event: one stored post."""
+    return {
+        "type": "message",
+        "id": id,
+        "seq": seq,
+        "room": room,
+        "user": user,
+        "message": message,
+        "ts": format_timestamp(ts),
+        "client_id": client_id,
+    }
+
+
+def event_welcome(
+    *,
+    room: str,
+    user: str,
+    members: list[str],
+    messages: list[dict[str, Any]],
+    has_more: bool,
+) -> dict[str, Any]:
+    """Returns the `welcome` event sent right after a socket is accepted."""
+    return {
+        "type": "welcome",
+        "room": room,
+        "user": user,
+        "members": members,
+        "messages": messages,
+        "has_more": has_more,
+    }
+
+
+def event_history(
+    *, before: int | None, messages: list[dict[str, Any]], has_more: bool
+) -> dict[str, Any]:
+    """Returns the answer to a `history` request: older messages, oldest first."""
+    return {
+        "type": "history",
+        "before": before,
+        "messages": messages,
+        "has_more": has_more,
+    }
+
+
+def event_join(*, user: str, members: int) -> dict[str, Any]:
+    """Returns a `join` event: the first socket of `user` opened in the room."""
+    return {"type": "join", "user": user, "members": members}
+
+
+def event_leave(*, user: str, members: int) -> dict[str, Any]:
+    """Returns a `leave` event: the last socket of `user` in the room closed."""
+    return {"type": "leave", "user": user, "members": members}
+
+
+def event_typing(*, user: str) -> dict[str, Any]:
+    """Returns a `typing` event."""
+    return {"type": "typing", "user": user}
+
+
+def event_error(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:
+    """Returns an `error` event; `ref` echoes the client_id of the frame at fault."""
+    return {"type": "error", "code": code, "detail": detail, "ref": ref}
+
+
+def encode(event: dict[str, Any]) -> str:
+    """Returns the JSON text of a server event (done once per event, not per socket)."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,180 @@
+"""Domain operations on rooms and messages, shared by the consumer, views and admin.
+
+Plain sync functions; every write that others must see is broadcast only after
+its transaction commits ("persisted before sent").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import Count, F
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from chat import presence, protocol
+from chat.broadcast import broadcast_room
+from chat.models import Message, Room
+
+
+class InvalidRoomName(ValueError):
+    """The name is not a room slug (see protocol.is_valid_room_name)."""
+
+
+# ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+def room_get(*, slug: str) -> Room | None:
+    """Returns the room named `slug`, or None if it is invalid or does not exist."""
+    if not protocol.is_valid_room_name(slug):
+        return None
+    return Room.objects.filter(slug=slug).first()
+
+
+def room_get_or_create(*, slug: str) -> tuple[Room, bool]:
+    """Returns the room named `slug`, creating it if needed, and whether it is new."""
+    if not protocol.is_valid_room_name(slug):
+        raise InvalidRoomName(slug)
+    return Room.objects.get_or_create(slug=slug)
+
+
+@dataclass(frozen=True)
+class RoomSummary:
+    slug: str
+    online: int
+    last_activity: datetime
+
+
+def room_list() -> list[RoomSummary]:
+    """Returns every room with its online count, most recently active first."""
+    rooms = Room.objects.annotate(
+        online=Count("connections__user", distinct=True),
+        last_activity=Coalesce(F("last_message_at"), F("created_at")),
+    ).order_by("-last_activity", "slug")
+    return [
+        RoomSummary(slug=room.slug, online=room.online, last_activity=room.last_activity)
+        for room in rooms
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+def message_event(message: Message, *, room_slug: str) -> dict[str, Any]:
+    """Returns the `message` event of a stored message."""
+    return protocol.event_message(
+        id=message.id,
+        seq=message.seq,
+        room=room_slug,
+        user=message.author,
+        message=message.body,
+        ts=message.created_at,
+        client_id=message.client_id,
+    )
+
+
+def message_post(
+    *,
+    room: Room,
+    user: AbstractBaseUser,
+    text: str,
+    client_id: str | None = None,
+) -> tuple[Message, bool]:
+    """Stores a message with the room's next seq and broadcasts it on commit.
+
+    Returns (message, created). A `client_id` this user already used in this
+    room returns the stored message and creates nothing: a retried send.
+    """
+    with transaction.atomic():
+        # The row lock serialises posts to one room, so seq has no holes and a
+        # concurrent retry of the same client_id finds the first copy.
+        locked = Room.objects.select_for_update().get(pk=room.pk)
+        if client_id is not None:
+            existing = Message.objects.filter(
+                room=locked, user=user, client_id=client_id
+            ).first()
+            if existing is not None:
+                return existing, False
+        now = timezone.now()
+        locked.last_seq += 1
+        locked.last_message_at = now
+        locked.save(update_fields=["last_seq", "last_message_at"])
+        message = Message.objects.create(
+            room=locked,
+            seq=locked.last_seq,
+            user=user,
+            author=user.get_username(),
+            body=text,
+            client_id=client_id,
+        )
+        event = message_event(message, room_slug=locked.slug)
+        transaction.on_commit(lambda: broadcast_room(locked.slug, event))
+    return message, True
+
+
+@dataclass(frozen=True)
+class MessagePage:
+    events: list[dict[str, Any]]
+    # True when older messages exist before the first one in `events`.
+    has_more: bool
+
+
+def _page(room: Room, messages: list[Message]) -> list[dict[str, Any]]:
+    return [message_event(message, room_slug=room.slug) for message in messages]
+
+
+def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
+    """Returns up to `limit` messages with seq below `before`, oldest first."""
+    queryset = Message.objects.filter(room=room)
+    if before is not None:
+        queryset = queryset.filter(seq__lt=before)
+    newest_first = list(queryset.order_by("-seq")[: limit + 1])
+    has_more = len(newest_first) > limit
+    return MessagePage(events=_page(room, newest_first[:limit][::-1]), has_more=has_more)
+
+
+def room_messages_since(*, room: Room, since: int, limit: int) -> MessagePage | None:
+    """Returns every message with seq above `since`, oldest first.
+
+    Returns None when more than `limit` are missing: the caller then sends the
+    latest page instead and the client fills the gap with `history`.
+    """
+    messages = list(
+        Message.objects.filter(room=room, seq__gt=since).order_by("seq")[: limit + 1]
+    )
+    if len(messages) > limit:
+        return None
+    has_more = since > 0 and Message.objects.filter(room=room, seq__lte=since).exists()
+    return MessagePage(events=_page(room, messages), has_more=has_more)
+
+
+def room_welcome(
+    *,
+    room: Room,
+    user: AbstractBaseUser,
+    since: int | None,
+    page_size: int,
+    resume_max: int,
+) -> dict[str, Any]:
+    """Returns the `welcome` event: members and the backlog (or what was missed)."""
+    page = None
+    if since is not None:
+        page = room_messages_since(room=room, since=since, limit=resume_max)
+    if page is None:
+        page = room_history(room=room, before=None, limit=page_size)
+    return protocol.event_welcome(
+        room=room.slug,
+        user=user.get_username(),
+        members=presence.room_members(room=room),
+        messages=page.events,
+        has_more=page.has_more,
+    )
+

@@ -1,0 +1,242 @@
+"""Shared fixtures: a real redis-server, users and rooms, WebSocket communicators."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+
+from chat.models import Room
+
+RECEIVE_TIMEOUT = 3
+
+
+def free_port() -> int:
+    """Returns a TCP port that is free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with no persistence."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (make test installs it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = tempfile.mkdtemp(prefix="chat-redis-")
+        self.process: subprocess.Popen | None = None
+        self.binary = binary
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.workdir,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    output = self.process.stdout.read().decode(errors="replace")
+                    raise RuntimeError(f"redis-server did not start:\n{output}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def redis_layer_config(url: str) -> dict[str, Any]:
+    from chatproject.settings import channel_layers_from_env
+
+    return channel_layers_from_env(url)["default"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def channel_layer(request, settings) -> AsyncIterator[str]:
+    """Runs a test on the in-memory layer and on channels_redis with a real Redis."""
+    if request.param == "memory":
+        settings.CHANNEL_LAYERS = {
+            "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+        }
+    else:
+        server = request.getfixturevalue("redis_server")
+        settings.CHANNEL_LAYERS = {"default": redis_layer_config(server.url)}
+    yield request.param
+    layer = get_channel_layer()
+    await layer.flush()
+    if hasattr(layer, "close_pools"):
+        await layer.close_pools()
+
+
+# ---------------------------------------------------------------------------
+# Users and rooms
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_user(db):
+    def make(username: str, **extra: Any):
+        return get_user_model().objects.create_user(
+            username=username, password="a-Secret-pass-42", **extra
+        )
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def room(db) -> Room:
+    return Room.objects.create(slug="lobby")
+
+
+# ---------------------------------------------------------------------------
+# WebSocket communicators
+# ---------------------------------------------------------------------------
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+
+
+class Client:
+    """A WebsocketCommunicator connected as one user, with JSON helpers."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+        self.closed = False
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.communicator.send_json_to(frame)
+
+    async def send_text(self, text: str) -> None:
+        await self.communicator.send_to(text_data=text)
+
+    async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+        return await self.communicator.receive_json_from(timeout=timeout)
+
+    async def receive_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        """Returns the next frame, which must be of type `kind`."""
+        frame = await self.receive(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def receive_nothing(self, timeout: float = 0.3) -> bool:
+        return await self.communicator.receive_nothing(timeout=timeout)
+
+    async def receive_close(self, timeout: float = RECEIVE_TIMEOUT) -> int:
+        """Returns the close code the server sent (after any frames before it)."""
+        while True:
+            output = await self.communicator.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                self.closed = True
+                return output.get("code", 1000)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.communicator.disconnect()
+
+
+@pytest.fixture
+async def connect(channel_layer) -> AsyncIterator:
+    """Returns connect(user, room) -> Client; every client is closed in teardown.
+
+    Goes through the project's real ASGI stack (Origin check, session auth,
+    URL routing). `welcome=True` also reads and returns the welcome frame.
+    """
+    from chatproject.asgi import application
+
+    clients: list[Client] = []
+
+    async def connect_as(
+        user,
+        room: str = "lobby",
+        *,
+        query: str = "",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        app=None,
+        welcome: bool = True,
+    ):
+        path = f"/ws/chat/{room}/" + (f"?{query}" if query else "")
+        communicator = WebsocketCommunicator(
+            app or application, path, headers=[ORIGIN] if headers is None else headers
+        )
+        if user is not None:
+            communicator.scope["user"] = user
+        connected, _ = await communicator.connect(timeout=RECEIVE_TIMEOUT)
+        assert connected, "the handshake was refused"
+        client = Client(communicator)
+        clients.append(client)
+        if welcome:
+            return client, await client.receive_type("welcome")
+        return client
+
+    yield connect_as
+    for client in clients:
+        await client.close()
+
+
+def assert_event(frame: dict[str, Any], type: str, **fields: Any) -> None:
+    """Asserts a server frame's type and the given fields."""
+    assert frame["type"] == type, frame
+    for key, value in fields.items():
+        assert frame.get(key) == value, f"{key}: {frame.get(key)!r} != {value!r} in {frame}"
+
+
+async def post(client: Client, text: str, **extra: Any) -> dict[str, Any]:
+    """Posts a message and returns the broadcast copy the sender gets back."""
+    await client.send({"type": "message", "message": text, **extra})
+    return await client.receive_type("message")
+
+
+async def db(func, *args, **kwargs):
+    """Runs a sync ORM call from an async test."""
+    return await database_sync_to_async(func)(*args, **kwargs)

@@ -1,0 +1,480 @@
+"""ChatConsumer over the real ASGI stack, on the in-memory layer and on Redis."""
+
+from __future__ import annotations
+
+import pytest
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser
+from django.test import Client as HttpClient
+from django.urls import re_path
+
+from chat import protocol
+from chat.consumers import ChatConsumer
+from chat.models import Connection, Message, Room
+from tests.conftest import ORIGIN, assert_event, db, post, redis_layer_config
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def assert_error(client, code: str, ref: str | None = None) -> dict:
+    frame = await client.receive_type("error")
+    assert frame["code"] == code, frame
+    assert frame["detail"], "an error frame must say what is wrong"
+    assert frame["ref"] == ref
+    return frame
+
+
+async def stored_bodies(room_slug: str = "lobby") -> list[str]:
+    return await db(
+        lambda: list(
+            Message.objects.filter(room__slug=room_slug)
+            .order_by("seq")
+            .values_list("body", flat=True)
+        )
+    )
+
+
+# ---------------------------------------------------------------------------
+# Handshake
+# ---------------------------------------------------------------------------
+
+
+async def test_welcome_lists_members_and_empty_backlog(connect, alice, room):
+    _, welcome = await connect(alice)
+    assert_event(
+        welcome, "welcome", room="lobby", user="alice", members=["alice"],
+        messages=[], has_more=False,
+    )
+
+
+async def test_anonymous_socket_is_closed_with_4401(connect, room):
+    client = await connect(AnonymousUser(), welcome=False)
+    assert await client.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+
+
+async def test_socket_without_session_is_closed_with_4401(connect, room):
+    client = await connect(None, welcome=False)
+    assert await client.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+
+
+async def test_session_cookie_signs_the_socket_in(connect, alice, room):
+    http = HttpClient()
+    await db(http.force_login, alice)
+    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+    _, welcome = await connect(None, headers=[ORIGIN, (b"cookie", cookie)])
+    assert_event(welcome, "welcome", user="alice")
+
+
+async def test_foreign_origin_is_refused_at_the_handshake(channel_layer, alice, room):
+    from chatproject.asgi import application
+
+    communicator = WebsocketCommunicator(
+        application, "/ws/chat/lobby/", headers=[(b"origin", b"http://evil.example")]
+    )
+    communicator.scope["user"] = alice
+    connected, _ = await communicator.connect()
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_missing_origin_is_refused(channel_layer, alice, room):
+    from chatproject.asgi import application
+
+    communicator = WebsocketCommunicator(application, "/ws/chat/lobby/")
+    communicator.scope["user"] = alice
+    connected, _ = await communicator.connect()
+    assert not connected
+    await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    "name", ["UPPER", "room%0A", "-dash", "a" * 65, "caf%C3%A9", "%D9%A3"]
+)
+async def test_invalid_room_name_is_closed_with_4404(connect, alice, room, name):
+    client = await connect(alice, room=name, welcome=False)
+    assert await client.receive_close() == protocol.CLOSE_NO_SUCH_ROOM
+    assert await db(Connection.objects.count) == 0
+
+
+async def test_unknown_room_is_closed_with_4404(connect, alice, room):
+    client = await connect(alice, room="nowhere", welcome=False)
+    assert await client.receive_close() == protocol.CLOSE_NO_SUCH_ROOM
+
+
+async def test_too_many_sockets_of_one_user_close_with_4429(
+    connect, alice, room, settings
+):
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+    await connect(alice)
+    await connect(alice)
+    third = await connect(alice, welcome=False)
+    assert await third.receive_close() == protocol.CLOSE_TOO_MANY_CONNECTIONS
+    assert await db(Connection.objects.count) == 2
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+async def test_message_reaches_everyone_with_gapless_seq(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+
+    first = await post(a, "hello", client_id="c-1")
+    assert_event(first, "message", seq=1, user="alice", message="hello",
+                 room="lobby", client_id="c-1")
+    assert isinstance(first["id"], int) and first["ts"].endswith("Z")
+    assert await b.receive() == first
+
+    second = await post(b, "hi alice")
+    assert_event(second, "message", seq=2, user="bob", client_id=None)
+    assert await a.receive() == second
+    assert await stored_bodies() == ["hello", "hi alice"]
+
+
+async def test_tutorial_frame_is_accepted_as_a_post(connect, alice, room):
+    a, _ = await connect(alice)
+    await a.send({"message": "from the tutorial"})
+    assert_event(await a.receive(), "message", message="from the tutorial", seq=1)
+
+
+async def test_retried_client_id_is_stored_once_and_acked_to_sender_only(
+    connect, alice, bob, room
+):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+    original = await post(a, "once", client_id="retry-1")
+    assert await b.receive() == original
+
+    await a.send({"type": "message", "message": "once", "client_id": "retry-1"})
+    assert await a.receive() == original
+    assert await b.receive_nothing()
+    assert await stored_bodies() == ["once"]
+
+
+async def test_retry_after_reconnect_gets_the_original(connect, alice, room):
+    a, _ = await connect(alice)
+    original = await post(a, "sent before the drop", client_id="c-9")
+    await a.close()
+    again, _ = await connect(alice, query="since=1")
+    await again.send({"type": "message", "message": "sent before the drop",
+                      "client_id": "c-9"})
+    assert await again.receive() == original
+    assert await stored_bodies() == ["sent before the drop"]
+
+
+async def test_message_does_not_leak_to_another_room(connect, alice, bob, room):
+    await db(Room.objects.create, slug="other")
+    a, _ = await connect(alice)
+    b, _ = await connect(bob, room="other")
+    await post(a, "only for lobby")
+    assert await b.receive_nothing()
+
+
+async def test_message_text_is_stripped_and_stored_as_sent(connect, alice, room):
+    a, _ = await connect(alice)
+    frame = await post(a, "  <script>alert(1)</script>\nline two  ")
+    assert frame["message"] == "<script>alert(1)</script>\nline two"
+
+
+# ---------------------------------------------------------------------------
+# Errors: one error frame each, and the socket stays open
+# ---------------------------------------------------------------------------
+
+ERROR_CASES = [
+    ("not json", protocol.ERROR_BAD_JSON),
+    ('{"type": "message", "message": NaN}', protocol.ERROR_BAD_JSON),
+    ("[1, 2]", protocol.ERROR_NOT_AN_OBJECT),
+    ('"just a string"', protocol.ERROR_NOT_AN_OBJECT),
+    ('{"type": "dance"}', protocol.ERROR_UNKNOWN_TYPE),
+    ("{}", protocol.ERROR_UNKNOWN_TYPE),
+    ('{"type": "message", "message": "   "}', protocol.ERROR_EMPTY_MESSAGE),
+    ('{"type": "message", "message": 42}', protocol.ERROR_INVALID_MESSAGE),
+    ('{"type": "message", "message": "a\\u0000b"}', protocol.ERROR_INVALID_MESSAGE),
+    ('{"type": "message", "message": "\\ud800"}', protocol.ERROR_INVALID_MESSAGE),
+    ('{"type": "message", "message": "x", "client_id": ""}',
+     protocol.ERROR_INVALID_CLIENT_ID),
+    ('{"type": "history", "limit": 0}', protocol.ERROR_INVALID_FIELD),
+    ('{"type": "history", "before": "7"}', protocol.ERROR_INVALID_FIELD),
+    ("   ", protocol.ERROR_EMPTY_FRAME),
+]
+
+
+@pytest.mark.parametrize("text,code", ERROR_CASES)
+async def test_bad_frame_gets_error_and_socket_stays_open(
+    connect, alice, room, text, code
+):
+    a, _ = await connect(alice)
+    await a.send_text(text)
+    await assert_error(a, code)
+    assert_event(await post(a, "still here"), "message", seq=1)
+    assert await stored_bodies() == ["still here"]
+
+
+async def test_too_long_message_is_refused_with_its_client_id(
+    connect, alice, room, settings
+):
+    settings.CHAT_MAX_MESSAGE_LENGTH = 10
+    a, _ = await connect(alice)
+    await a.send({"type": "message", "message": "x" * 11, "client_id": "long-1"})
+    await assert_error(a, protocol.ERROR_MESSAGE_TOO_LONG, ref="long-1")
+    assert_event(await post(a, "x" * 10), "message", seq=1)
+
+
+async def test_default_length_limit_is_2000_characters(connect, alice, room):
+    a, _ = await connect(alice)
+    await a.send({"type": "message", "message": "y" * 2001})
+    await assert_error(a, protocol.ERROR_MESSAGE_TOO_LONG)
+    assert_event(await post(a, "y" * 2000), "message", seq=1)
+
+
+async def test_binary_frame_gets_error_not_a_crash(connect, alice, room):
+    a, _ = await connect(alice)
+    await a.communicator.send_to(bytes_data=b"\x00\x01binary")
+    await assert_error(a, protocol.ERROR_BINARY_FRAME)
+    assert_event(await post(a, "after binary"), "message", seq=1)
+
+
+async def test_empty_frames_get_errors_not_a_crash(connect, alice, room):
+    a, _ = await connect(alice)
+    # send_to() refuses empty data, so the ASGI events are sent as daphne would.
+    await a.communicator.send_input({"type": "websocket.receive", "text": ""})
+    await assert_error(a, protocol.ERROR_EMPTY_FRAME)
+    await a.communicator.send_input({"type": "websocket.receive", "bytes": b""})
+    await assert_error(a, protocol.ERROR_EMPTY_FRAME)
+    assert_event(await post(a, "after empty"), "message", seq=1)
+
+
+async def test_oversized_frame_gets_error(connect, alice, room, settings):
+    settings.CHAT_MAX_FRAME_BYTES = 1024
+    a, _ = await connect(alice)
+    await a.send({"type": "message", "message": "z" * 2000})
+    await assert_error(a, protocol.ERROR_FRAME_TOO_LARGE)
+
+
+async def test_flood_is_rate_limited_and_nothing_stored_twice(
+    connect, alice, room, settings
+):
+    settings.CHAT_RATE_MESSAGES = 3
+    settings.CHAT_RATE_WINDOW_SECONDS = 60
+    a, _ = await connect(alice)
+    for n in range(3):
+        await post(a, f"m{n}")
+    await a.send({"type": "message", "message": "m3", "client_id": "flood"})
+    await assert_error(a, protocol.ERROR_RATE_LIMITED, ref="flood")
+    assert await stored_bodies() == ["m0", "m1", "m2"]
+
+
+# ---------------------------------------------------------------------------
+# Presence
+# ---------------------------------------------------------------------------
+
+
+async def test_join_and_leave_are_sent_to_the_others(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, welcome = await connect(bob)
+    assert welcome["members"] == ["alice", "bob"]
+    assert_event(await a.receive(), "join", user="bob", members=2)
+    assert await b.receive_nothing(), "the joiner learns the members from welcome"
+    await b.close()
+    assert_event(await a.receive(), "leave", user="bob", members=1)
+
+
+async def test_second_tab_does_not_emit_join(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    await connect(bob)
+    await a.receive_type("join")
+    _, welcome = await connect(bob)
+    assert welcome["members"] == ["alice", "bob"]
+    assert await a.receive_nothing()
+
+
+async def test_leave_only_after_the_last_tab_closes(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b1, _ = await connect(bob)
+    b2, _ = await connect(bob)
+    await a.receive_type("join")
+    await b1.close()
+    assert await a.receive_nothing()
+    assert await db(Connection.objects.filter(user=bob).count) == 1
+    await b2.close()
+    assert_event(await a.receive(), "leave", user="bob", members=1)
+    assert await db(Connection.objects.filter(user=bob).count) == 0
+
+
+async def test_typing_goes_to_others_not_the_typist(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+    await a.send({"type": "typing"})
+    assert_event(await b.receive(), "typing", user="alice")
+    assert await a.receive_nothing()
+
+
+async def test_typing_is_throttled(connect, alice, bob, room, settings):
+    settings.CHAT_TYPING_INTERVAL_SECONDS = 60
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+    await a.send({"type": "typing"})
+    await a.send({"type": "typing"})
+    await b.receive_type("typing")
+    assert await b.receive_nothing()
+
+
+# ---------------------------------------------------------------------------
+# Backlog, history, resume
+# ---------------------------------------------------------------------------
+
+
+async def seed(room_slug: str, count: int, author) -> None:
+    from chat import services
+
+    room_obj = await db(Room.objects.get, slug=room_slug)
+    for n in range(1, count + 1):
+        await db(services.message_post, room=room_obj, user=author, text=f"m{n}")
+
+
+def seqs(frame: dict) -> list[int]:
+    return [message["seq"] for message in frame["messages"]]
+
+
+async def test_welcome_has_the_last_page_of_the_backlog(
+    connect, alice, room, settings
+):
+    settings.CHAT_HISTORY_PAGE = 5
+    await seed("lobby", 7, alice)
+    _, welcome = await connect(alice)
+    assert seqs(welcome) == [3, 4, 5, 6, 7]
+    assert welcome["has_more"] is True
+    assert welcome["messages"][-1]["message"] == "m7"
+
+
+async def test_history_pages_back_to_the_first_message(
+    connect, alice, room, settings
+):
+    settings.CHAT_HISTORY_PAGE = 3
+    await seed("lobby", 7, alice)
+    a, welcome = await connect(alice)
+    assert seqs(welcome) == [5, 6, 7]
+    collected = seqs(welcome)
+    before = collected[0]
+    while True:
+        await a.send({"type": "history", "before": before, "limit": 3})
+        page = await a.receive_type("history")
+        assert page["before"] == before
+        collected = seqs(page) + collected
+        if not page["has_more"]:
+            break
+        before = seqs(page)[0]
+    assert collected == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_since_returns_exactly_what_was_missed(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    for n in range(3):
+        await post(a, f"seen {n}")
+    await a.close()
+    b, _ = await connect(bob)
+    for n in range(4):
+        await post(b, f"missed {n}")
+    again, welcome = await connect(alice, query="since=3")
+    assert seqs(welcome) == [4, 5, 6, 7]
+    assert [m["message"] for m in welcome["messages"]] == [
+        f"missed {n}" for n in range(4)
+    ]
+    assert welcome["has_more"] is True
+    assert await again.receive_nothing()
+
+
+async def test_since_at_the_newest_seq_returns_nothing(connect, alice, room):
+    await seed("lobby", 2, alice)
+    _, welcome = await connect(alice, query="since=2")
+    assert welcome["messages"] == []
+
+
+async def test_since_too_far_back_sends_the_latest_page(
+    connect, alice, room, settings
+):
+    settings.CHAT_RESUME_MAX = 3
+    settings.CHAT_HISTORY_PAGE = 2
+    await seed("lobby", 6, alice)
+    _, welcome = await connect(alice, query="since=1")
+    assert seqs(welcome) == [5, 6]
+    assert welcome["has_more"] is True
+
+
+async def test_invalid_since_gets_error_then_a_normal_welcome(connect, alice, room):
+    await seed("lobby", 1, alice)
+    a = await connect(alice, query="since=-4", welcome=False)
+    await assert_error(a, protocol.ERROR_INVALID_SINCE)
+    welcome = await a.receive_type("welcome")
+    assert seqs(welcome) == [1]
+
+
+async def test_welcome_costs_the_same_queries_for_any_backlog(alice, room):
+    """Query-count guard: the welcome must not cost a query per message."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat import services
+
+    def welcome_queries() -> tuple[int, int]:
+        with CaptureQueriesContext(connection) as queries:
+            welcome = services.room_welcome(
+                room=room, user=alice, since=None, page_size=50, resume_max=500
+            )
+        return len(queries), len(welcome["messages"])
+
+    empty_queries, _ = await db(welcome_queries)
+    await seed("lobby", 60, alice)
+    assert await db(welcome_queries) == (empty_queries, 50)
+
+
+# ---------------------------------------------------------------------------
+# Fan-out across two channel-layer instances (what separate workers do)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_two_layer_instances_on_one_redis_fan_out(
+    connect, alice, bob, room, settings, redis_server
+):
+    settings.CHANNEL_LAYERS = {
+        "default": redis_layer_config(redis_server.url),
+        "second": redis_layer_config(redis_server.url),
+    }
+    from channels.auth import AuthMiddlewareStack
+    from channels.security.websocket import AllowedHostsOriginValidator
+
+    second_worker = AllowedHostsOriginValidator(
+        AuthMiddlewareStack(
+            URLRouter(
+                [
+                    re_path(
+                        r"^ws/chat/(?P<room>[^/]+)/$",
+                        ChatConsumer.as_asgi(channel_layer_alias="second"),
+                    )
+                ]
+            )
+        )
+    )
+    a, _ = await connect(alice)
+    b, _ = await connect(bob, app=second_worker)
+    assert_event(await a.receive(), "join", user="bob")
+
+    from_b = await post(b, "from the second worker")
+    assert await a.receive() == from_b
+    from_a = await post(a, "from the first worker")
+    assert await b.receive() == from_a
+    assert (from_a["seq"], from_b["seq"]) == (2, 1)
+
+    from channels.layers import get_channel_layer
+
+    second = get_channel_layer("second")
+    await second.flush()
+    await second.close_pools()
