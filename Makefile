@@ -1,0 +1,52 @@
+# The chat's two entry points: `make run` (no services needed) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# apt-get needs root; use sudo when we are not.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+# Debian packages the tests start for real: command to look for, package name.
+SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql
+
+.PHONY: venv run test test-postgres system-packages clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+## run: serve the chat at http://$(HOST):$(PORT)/ with daphne (SQLite + in-memory layer)
+run: venv
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py chat_forget_connections
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) chatproject.asgi:application
+
+## system-packages: install the servers the tests start (redis-server, PostgreSQL)
+system-packages:
+	@missing=""; \
+	for pair in $(SYSTEM_PACKAGES); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## test: the whole suite on SQLite, then the database-heavy tests on PostgreSQL
+test: venv system-packages
+	$(PY) -m pytest
+	$(MAKE) test-postgres
+
+test-postgres: venv system-packages
+	bin/with-postgres $(PY) -m pytest -p no:cacheprovider \
+	  tests/test_consumers.py tests/test_services.py tests/test_presence.py
+
+clean:
+	rm -rf $(VENV) staticfiles db.sqlite3
