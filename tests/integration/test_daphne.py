@@ -1,0 +1,199 @@
+"""End to end against real daphne processes: sign-up over HTTP, chat over WebSocket.
+
+Each test runs on the in-memory layer and on channels_redis with a real Redis;
+the last one runs two workers on one SQLite file and one Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import assert_event
+from tests.integration.conftest import (
+    ChatSocket,
+    DaphneServer,
+    HttpSession,
+    create_room,
+    new_account,
+    signed_in_session,
+    unique_name,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def post(socket: ChatSocket, text: str) -> dict[str, Any]:
+    """Posts a message and returns the broadcast copy the sender gets back."""
+    await socket.send({"type": "message", "message": text})
+    frame = await socket.receive_type("message")
+    assert frame["message"] == text, frame
+    return frame
+
+
+def new_room(server: DaphneServer) -> str:
+    """Creates a room of one's own, so the module's shared server stays quiet."""
+    name = unique_name("room")
+    create_room(server.base_url, new_account(server.base_url, "owner").sessionid, name)
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------
+
+
+async def test_two_users_chat_both_ways_in_general(daphne, ws_connect):
+    """The whole life of a conversation: welcome, join, messages, leave."""
+    alice = new_account(daphne.base_url, "alice")
+    bob = new_account(daphne.base_url, "bob")
+
+    alice_ws, welcome = await ws_connect(
+        daphne, "general", sessionid=alice.sessionid, welcome=True
+    )
+    assert_event(welcome, "welcome", room="general", user=alice.username)
+    assert alice.username in welcome["members"]
+
+    bob_ws, welcome = await ws_connect(
+        daphne, "general", sessionid=bob.sessionid, welcome=True
+    )
+    assert_event(welcome, "welcome", room="general", user=bob.username)
+    assert {alice.username, bob.username} <= set(welcome["members"])
+    assert_event(await alice_ws.receive(), "join", user=bob.username, members=2)
+
+    first = await post(alice_ws, "hello bob")
+    assert_event(first, "message", room="general", user=alice.username)
+    assert await bob_ws.receive() == first
+
+    second = await post(bob_ws, "hi alice")
+    assert_event(second, "message", user=bob.username, seq=first["seq"] + 1)
+    assert await alice_ws.receive() == second
+
+    await bob_ws.close()
+    assert_event(await alice_ws.receive(), "leave", user=bob.username, members=1)
+
+
+async def test_since_resumes_exactly_and_fresh_connect_shows_history(
+    daphne, ws_connect
+):
+    """A reconnect gets what it missed, and only that; a newcomer the backlog."""
+    room = new_room(daphne)
+    alice = new_account(daphne.base_url, "alice")
+    bob = new_account(daphne.base_url, "bob")
+
+    alice_ws, welcome = await ws_connect(
+        daphne, room, sessionid=alice.sessionid, welcome=True
+    )
+    assert welcome["messages"] == []
+    seen = [await post(alice_ws, "one"), await post(alice_ws, "two")]
+    assert [frame["seq"] for frame in seen] == [1, 2]
+    await alice_ws.close()
+
+    bob_ws, _ = await ws_connect(daphne, room, sessionid=bob.sessionid, welcome=True)
+    missed = [await post(bob_ws, "three"), await post(bob_ws, "four")]
+
+    _, resumed = await ws_connect(
+        daphne, room, sessionid=alice.sessionid, query="since=2", welcome=True
+    )
+    assert resumed["messages"] == missed
+    assert resumed["has_more"] is True
+
+    _, fresh = await ws_connect(daphne, room, sessionid=alice.sessionid, welcome=True)
+    assert fresh["messages"] == seen + missed
+    assert fresh["has_more"] is False
+
+
+async def test_bad_json_gets_an_error_frame_and_the_socket_stays_usable(
+    daphne, ws_connect
+):
+    room = new_room(daphne)
+    alice = new_account(daphne.base_url, "alice")
+    socket, _ = await ws_connect(daphne, room, sessionid=alice.sessionid, welcome=True)
+
+    await socket.send_text('{"type": "message", "message": ')
+    assert_event(await socket.receive(), "error", code="bad_json", ref=None)
+
+    frame = await post(socket, "still here")
+    assert_event(frame, "message", user=alice.username, seq=1)
+
+
+# ---------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------
+
+
+async def test_anonymous_socket_is_closed_with_4401(daphne, ws_connect):
+    socket = await ws_connect(daphne, "general")
+    assert await socket.receive_close() == (4401, [])
+
+
+async def test_unknown_room_is_closed_with_4404(daphne, ws_connect):
+    alice = new_account(daphne.base_url, "alice")
+    socket = await ws_connect(daphne, "no-such-room", sessionid=alice.sessionid)
+    assert await socket.receive_close() == (4404, [])
+
+
+async def test_foreign_origin_is_refused_at_the_handshake(daphne, ws_connect):
+    """Cross-site WebSocket hijacking: a valid cookie from another site's page."""
+    alice = new_account(daphne.base_url, "alice")
+    with pytest.raises(InvalidStatus) as refused:
+        await ws_connect(
+            daphne,
+            "general",
+            sessionid=alice.sessionid,
+            origin="http://evil.example",
+        )
+    assert refused.value.response.status_code == 403
+
+
+# ---------------------------------------------------------------------------
+# Pages and static files
+# ---------------------------------------------------------------------------
+
+
+def test_room_page_loads_chat_js_served_by_daphne(daphne):
+    """Under DEBUG a bare daphne must serve /static/ itself, or the page is dead."""
+    alice = new_account(daphne.base_url, "alice")
+    page = signed_in_session(daphne.base_url, alice.sessionid).get("/chat/general/")
+    assert page.status == 200
+    assert page.url == f"{daphne.base_url}/chat/general/"  # not sent to the login
+    assert "/static/chat/chat.js" in page.text
+
+    script = HttpSession(daphne.base_url).get("/static/chat/chat.js")
+    assert script.status == 200
+    assert "javascript" in script.headers.get("Content-Type", "")
+    assert "new WebSocket(" in script.text
+
+
+# ---------------------------------------------------------------------------
+# Two workers
+# ---------------------------------------------------------------------------
+
+
+async def test_two_workers_share_one_database_and_redis(daphne_factory, ws_connect):
+    """Horizontal scaling: presence and messages cross from worker to worker."""
+    redis_url = daphne_factory.new_redis_url()
+    one = daphne_factory(redis_url=redis_url)
+    two = daphne_factory(redis_url=redis_url, db_path=one.db_path)
+    alice = new_account(one.base_url, "alice")
+    bob = new_account(two.base_url, "bob")
+
+    alice_ws, _ = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
+    bob_ws, welcome = await ws_connect(
+        two, "general", sessionid=bob.sessionid, welcome=True
+    )
+    assert welcome["members"] == sorted([alice.username, bob.username])
+    assert_event(await alice_ws.receive(), "join", user=bob.username, members=2)
+
+    first = await post(alice_ws, "from worker one")
+    assert await bob_ws.receive() == first
+    second = await post(bob_ws, "from worker two")
+    assert await alice_ws.receive() == second
+    assert second["seq"] == first["seq"] + 1
+
+    await bob_ws.close()
+    assert_event(await alice_ws.receive(), "leave", user=bob.username, members=1)
