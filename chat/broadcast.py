@@ -11,20 +11,26 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from chat.protocol import encode, room_group_name
+from chat.protocol import encode, room_group_name, user_group_name
 
 # The channel-layer message type; ChatConsumer.chat_event handles it.
 CHAT_EVENT = "chat.event"
+
+
+def _group_message(event: dict[str, Any], exclude_channel: str | None) -> dict:
+    message: dict[str, Any] = {"type": CHAT_EVENT, "text": encode(event)}
+    if exclude_channel is not None:
+        message["exclude"] = exclude_channel
+    return message
 
 
 async def broadcast_room_async(
     slug: str, event: dict[str, Any], *, exclude_channel: str | None = None
 ) -> None:
     """Sends `event` to every socket in room `slug` (but `exclude_channel`)."""
-    message: dict[str, Any] = {"type": CHAT_EVENT, "text": encode(event)}
-    if exclude_channel is not None:
-        message["exclude"] = exclude_channel
-    await get_channel_layer().group_send(room_group_name(slug), message)
+    await get_channel_layer().group_send(
+        room_group_name(slug), _group_message(event, exclude_channel)
+    )
 
 
 def broadcast_room(
@@ -32,3 +38,15 @@ def broadcast_room(
 ) -> None:
     """Sync form of broadcast_room_async, for services, views and the admin."""
     async_to_sync(broadcast_room_async)(slug, event, exclude_channel=exclude_channel)
+
+
+async def push_user_async(user_id: int, event: dict[str, Any]) -> None:
+    """Sends `event` to every open socket of one user, in every room."""
+    await get_channel_layer().group_send(
+        user_group_name(user_id), _group_message(event, None)
+    )
+
+
+def push_user(user_id: int, event: dict[str, Any]) -> None:
+    """Sync form of push_user_async."""
+    async_to_sync(push_user_async)(user_id, event)

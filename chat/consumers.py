@@ -30,7 +30,8 @@ def frame_limits() -> protocol.Limits:
 
 class ChatConsumer(AsyncWebsocketConsumer):
     room: Room | None = None
-    group: str | None = None
+    # The room's group and the user's own group (pushes), once joined.
+    groups_joined: tuple[str, ...] = ()
     registered = False
 
     # ------------------------------------------------------------------
@@ -67,8 +68,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
         # Join the group before reading the backlog, so that nothing posted in
         # between is missed; the client drops seqs it has already shown.
-        self.group = protocol.room_group_name(self.room.slug)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.join_groups(
+            protocol.room_group_name(self.room.slug),
+            protocol.user_group_name(user.pk),
+        )
         try:
             await database_sync_to_async(presence.connection_open)(
                 room=self.room,
@@ -78,7 +81,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
             )
         except presence.TooManyConnections:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.leave_groups()
             await self.close(code=protocol.CLOSE_TOO_MANY_CONNECTIONS)
             return
         self.registered = True
@@ -93,13 +96,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: leave the group and the presence store."""
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.leave_groups()
         if self.registered:
             self.registered = False
             await database_sync_to_async(presence.connection_close)(
                 channel_name=self.channel_name
             )
+
+    async def join_groups(self, *groups: str) -> None:
+        self.groups_joined = groups
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    async def leave_groups(self) -> None:
+        groups, self.groups_joined = self.groups_joined, ()
+        for group in groups:
+            await self.channel_layer.group_discard(group, self.channel_name)
 
     def client_address(self) -> str:
         client = self.scope.get("client")

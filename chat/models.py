@@ -11,6 +11,8 @@ class Room(models.Model):
     # The seq of the newest message; bumped under a row lock so seqs have no holes.
     last_seq = models.PositiveBigIntegerField(default=0)
     last_message_at = models.DateTimeField(null=True, blank=True)
+    # A closed room can be read but not posted to (moderation).
+    is_closed = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["slug"]
@@ -34,6 +36,15 @@ class Message(models.Model):
     body = models.TextField()
     client_id = models.CharField(max_length=64, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Soft delete: the row and its seq stay, so seqs keep no holes.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    deleted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
 
     class Meta:
         ordering = ["room", "seq"]
@@ -69,3 +80,97 @@ class Connection(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.room} via {self.worker}"
+
+
+class RoomBan(models.Model):
+    """Keeps a user out of a room until `expires_at` (for ever when it is empty)."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="bans")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="room_bans"
+    )
+    reason = models.CharField(max_length=500, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["room", "user"], name="roomban_room_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user} banned from {self.room}"
+
+
+class ModerationAction(models.Model):
+    """The record of one moderation step: who did what, to whom, when."""
+
+    class Kind(models.TextChoices):
+        DELETE_MESSAGE = "delete_message", "delete message"
+        CLOSE_ROOM = "close_room", "close room"
+        REOPEN_ROOM = "reopen_room", "reopen room"
+        KICK = "kick", "kick"
+        BAN = "ban", "ban"
+        UNBAN = "unban", "unban"
+
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="+",
+    )
+    room = models.ForeignKey(Room, on_delete=models.SET_NULL, null=True, blank=True)
+    target_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    message = models.ForeignKey(Message, on_delete=models.SET_NULL, null=True, blank=True)
+    detail = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} by {self.actor} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the HTTP API; only its SHA-256 is stored."""
+
+    name = models.CharField(max_length=100)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The first characters of the raw token, to tell tokens apart in lists.
+    prefix = models.CharField(max_length=12, editable=False)
+    can_publish = models.BooleanField(default=False, help_text="post into rooms")
+    can_push = models.BooleanField(default=False, help_text="push events to users")
+    room = models.ForeignKey(
+        Room,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        help_text="restrict publishing to this room",
+    )
+    author_name = models.CharField(
+        max_length=150,
+        blank=True,
+        help_text="name shown on published messages (default: the owner's username)",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

@@ -35,6 +35,11 @@ def room_group_name(slug: str) -> str:
     return f"room.{slug}"
 
 
+def user_group_name(user_id: int) -> str:
+    """Returns the group holding every socket of one user, in any room."""
+    return f"user.{int(user_id)}"
+
+
 # ---------------------------------------------------------------------------
 # Close codes and error codes
 # ---------------------------------------------------------------------------
@@ -323,6 +328,11 @@ def event_leave(*, user: str, members: int) -> dict[str, Any]:
 def event_typing(*, user: str) -> dict[str, Any]:
     """Returns a `typing` event."""
     return {"type": "typing", "user": user}
+
+
+def event_push(*, event: str, data: Any) -> dict[str, Any]:
+    """Returns a `push` event: sent through the API to every socket of one user."""
+    return {"type": "push", "event": event, "data": data}
 
 
 def event_error(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:

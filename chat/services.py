@@ -87,11 +87,13 @@ def message_post(
     user: AbstractBaseUser,
     text: str,
     client_id: str | None = None,
+    author: str | None = None,
 ) -> tuple[Message, bool]:
     """Stores a message with the room's next seq and broadcasts it on commit.
 
     Returns (message, created). A `client_id` this user already used in this
     room returns the stored message and creates nothing: a retried send.
+    `author` is the name shown (default: the username), for API tokens.
     """
     with transaction.atomic():
         # The row lock serialises posts to one room, so seq has no holes and a
@@ -111,7 +113,7 @@ def message_post(
             room=locked,
             seq=locked.last_seq,
             user=user,
-            author=user.get_username(),
+            author=author or user.get_username(),
             body=text,
             client_id=client_id,
         )
