@@ -114,6 +114,12 @@ async def channel_layer(request, settings) -> AsyncIterator[str]:
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings) -> None:
+    # Test users need a password, not a costly hash of it.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def make_user(db):
     def make(username: str, **extra: Any):

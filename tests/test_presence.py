@@ -1,0 +1,143 @@
+"""Presence: socket rows, join on a user's first socket, leave on their last."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from chat import presence
+from chat.models import Connection, Room
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def other_room(db) -> Room:
+    return Room.objects.create(slug="other")
+
+
+def open_socket(room: Room, user, channel: str, max_per_user: int = 20, **kw) -> bool:
+    return presence.connection_open(
+        room=room, user=user, channel_name=channel, max_per_user=max_per_user, **kw
+    )
+
+
+def close_socket(channel: str) -> bool:
+    return presence.connection_close(channel_name=channel)
+
+
+def members(room: Room) -> list[str]:
+    return presence.room_members(room=room)
+
+
+@pytest.fixture
+def broadcasts(monkeypatch) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Records the join/leave events presence broadcasts (slug, event, exclude)."""
+    sent: list[tuple[str, dict[str, Any], str | None]] = []
+
+    def record(slug: str, event: dict[str, Any], *, exclude_channel=None) -> None:
+        sent.append((slug, event, exclude_channel))
+
+    monkeypatch.setattr(presence, "broadcast_room", record)
+    return sent
+
+
+def test_only_a_users_first_socket_in_a_room_is_a_join(room, other_room, alice, bob):
+    assert open_socket(room, alice, "a1") is True
+    assert open_socket(room, alice, "a2") is False
+    assert open_socket(room, bob, "b1") is True
+    assert open_socket(other_room, alice, "a3") is True
+    assert Connection.objects.count() == 4
+
+
+def test_only_a_users_last_socket_in_a_room_is_a_leave(room, other_room, alice):
+    for channel in ("a1", "a2"):
+        open_socket(room, alice, channel)
+    open_socket(other_room, alice, "a3")
+    assert close_socket("a1") is False
+    assert close_socket("a2") is True
+    assert members(room) == []
+    assert members(other_room) == ["alice"]
+
+
+def test_closing_an_unknown_or_closed_socket_is_not_a_leave(room, alice):
+    assert close_socket("never-opened") is False
+    open_socket(room, alice, "a1")
+    assert close_socket("a1") is True
+    assert close_socket("a1") is False
+
+
+def test_reopening_after_the_last_close_is_a_join_again(room, alice):
+    open_socket(room, alice, "a1")
+    close_socket("a1")
+    assert open_socket(room, alice, "a2") is True
+
+
+def test_members_are_distinct_sorted_and_per_room(room, other_room, make_user):
+    zoe, alice, mike = (make_user(name) for name in ("zoe", "alice", "mike"))
+    for user, channel in ((zoe, "z1"), (alice, "a1"), (zoe, "z2"), (alice, "a2")):
+        open_socket(room, user, channel)
+    open_socket(other_room, mike, "m1")
+    assert members(room) == ["alice", "zoe"]
+    assert members(other_room) == ["mike"]
+
+
+def test_open_records_worker_and_truncated_address(room, alice):
+    open_socket(room, alice, "a1", address="x" * 150)
+    connection = Connection.objects.get(channel_name="a1")
+    assert (connection.worker, connection.address) == (presence.WORKER_ID, "x" * 100)
+
+
+def test_too_many_connections_at_the_per_user_limit(room, other_room, alice, bob):
+    open_socket(room, alice, "a1", max_per_user=2)
+    open_socket(other_room, alice, "a2", max_per_user=2)  # the limit spans rooms
+    with pytest.raises(presence.TooManyConnections):
+        open_socket(room, alice, "a3", max_per_user=2)
+    assert not Connection.objects.filter(channel_name="a3").exists()
+    assert open_socket(room, bob, "b1", max_per_user=2) is True
+    close_socket("a1")
+    assert open_socket(room, alice, "a3", max_per_user=2) is True
+
+
+def test_forget_all_deletes_every_socket_row(room, other_room, alice, bob):
+    assert presence.connections_forget_all() == 0
+    open_socket(room, alice, "a1")
+    open_socket(room, alice, "a2")
+    open_socket(other_room, bob, "b1")
+    assert presence.connections_forget_all() == 3
+    assert Connection.objects.count() == 0
+    assert members(room) == members(other_room) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_join_is_broadcast_for_the_first_socket_only(room, alice, bob, broadcasts):
+    open_socket(room, alice, "a1")
+    open_socket(room, alice, "a2")
+    open_socket(room, bob, "b1")
+    assert broadcasts == [
+        ("lobby", {"type": "join", "user": "alice", "members": 1}, "a1"),
+        ("lobby", {"type": "join", "user": "bob", "members": 2}, "b1"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_leave_is_broadcast_for_the_last_socket_only(room, alice, bob, broadcasts):
+    for user, channel in ((alice, "a1"), (alice, "a2"), (bob, "b1")):
+        open_socket(room, user, channel)
+    broadcasts.clear()
+    close_socket("a1")
+    close_socket("a2")
+    close_socket("b1")
+    assert broadcasts == [
+        ("lobby", {"type": "leave", "user": "alice", "members": 1}, None),
+        ("lobby", {"type": "leave", "user": "bob", "members": 0}, None),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refused_connection_broadcasts_nothing(room, alice, broadcasts):
+    open_socket(room, alice, "a1", max_per_user=1)
+    with pytest.raises(presence.TooManyConnections):
+        open_socket(room, alice, "a2", max_per_user=1)
+    assert len(broadcasts) == 1

@@ -1,0 +1,384 @@
+"""Domain operations on rooms and messages: seq, idempotent posts, history, lists."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from chat import services
+from chat.models import Connection, Message, Room
+
+pytestmark = pytest.mark.django_db
+
+
+def post(room: Room, user, text: str = "hi", client_id: str | None = None):
+    return services.message_post(room=room, user=user, text=text, client_id=client_id)
+
+
+def seqs(page: services.MessagePage | None) -> list[int]:
+    assert page is not None
+    return [event["seq"] for event in page.events]
+
+
+def stored_seqs(room: Room) -> list[int]:
+    return list(room.messages.order_by("seq").values_list("seq", flat=True))
+
+
+def open_socket(room: Room, user, channel_name: str) -> Connection:
+    return Connection.objects.create(
+        room=room, user=user, channel_name=channel_name, worker="test:1"
+    )
+
+
+@pytest.fixture
+def other_room(db) -> Room:
+    return Room.objects.create(slug="other")
+
+
+@pytest.fixture
+def five(room, alice) -> Room:
+    """The `room` with messages m1..m5 (seq 1..5) by alice."""
+    for n in range(1, 6):
+        post(room, alice, f"m{n}")
+    return room
+
+
+@pytest.fixture
+def broadcasts(monkeypatch) -> list[dict[str, Any]]:
+    """Records what message_post broadcasts, and whether it was stored by then."""
+    sent: list[dict[str, Any]] = []
+
+    def record(slug: str, event: dict[str, Any], **kwargs: Any) -> None:
+        stored = Message.objects.filter(pk=event["id"]).exists()
+        sent.append({"slug": slug, "event": event, "stored": stored, **kwargs})
+
+    monkeypatch.setattr(services, "broadcast_room", record)
+    return sent
+
+
+# ---------------------------------------------------------------------------
+# message_post
+# ---------------------------------------------------------------------------
+
+
+def test_posts_get_gapless_seqs_independently_per_room(room, other_room, alice):
+    results = [post(r, alice) for r in (room, other_room, room, room, other_room)]
+    assert [(m.room.slug, m.seq, created) for m, created in results] == [
+        ("lobby", 1, True),
+        ("other", 1, True),
+        ("lobby", 2, True),
+        ("lobby", 3, True),
+        ("other", 2, True),
+    ]
+    assert stored_seqs(room) == [1, 2, 3]
+    assert stored_seqs(other_room) == [1, 2]
+    room.refresh_from_db()
+    assert room.last_seq == 3
+    newest = results[3][0].created_at
+    assert abs(room.last_message_at - newest) < timedelta(seconds=1)
+
+
+def test_post_stores_author_body_and_client_id(room, alice):
+    message, _ = post(room, alice, "hello", client_id="c-1")
+    stored = Message.objects.get(pk=message.pk)
+    assert (stored.user, stored.author, stored.body, stored.client_id) == (
+        alice,
+        "alice",
+        "hello",
+        "c-1",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_posts_still_get_gapless_seqs(room, make_user, broadcasts):
+    users = [make_user(f"user{n}") for n in range(4)]
+    errors: list[BaseException] = []
+
+    def poster(user) -> None:
+        try:
+            for n in range(5):
+                post(room, user, f"{user.username}-{n}")
+        except BaseException as error:  # surfaced below, not lost in the thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=poster, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert stored_seqs(room) == list(range(1, 21))
+
+
+def test_repeated_client_id_returns_the_original_and_stores_once(room, alice):
+    first, created = post(room, alice, "hi", client_id="c-1")
+    assert created
+    again, created = post(room, alice, "hi (retried)", client_id="c-1")
+    assert (again.pk, again.seq, again.body, created) == (first.pk, 1, "hi", False)
+    assert room.messages.count() == 1
+    room.refresh_from_db()
+    assert room.last_seq == 1
+
+
+def test_same_client_id_by_another_user_or_in_another_room_is_new(
+    room, other_room, alice, bob
+):
+    post(room, alice, client_id="c-1")
+    _, by_bob = post(room, bob, client_id="c-1")
+    _, elsewhere = post(other_room, alice, client_id="c-1")
+    assert by_bob and elsewhere
+    assert stored_seqs(room) == [1, 2]
+    assert stored_seqs(other_room) == [1]
+
+
+def test_posts_without_client_id_are_never_deduplicated(room, alice):
+    assert [post(room, alice)[1] for _ in range(3)] == [True, True, True]
+    assert room.messages.count() == 3
+
+
+def test_database_refuses_a_duplicate_client_id_inserted_directly(room, alice):
+    message, _ = post(room, alice, client_id="c-1")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Message.objects.create(
+            room=room, seq=2, user=alice, author="alice", body="x", client_id="c-1"
+        )
+    assert room.messages.count() == 1
+
+
+def test_database_refuses_a_duplicate_seq_in_a_room(room, alice):
+    post(room, alice)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Message.objects.create(room=room, seq=1, user=alice, author="alice", body="x")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_post_is_broadcast_once_after_it_is_stored(room, alice, broadcasts):
+    message, _ = post(room, alice, "hi", client_id="c-1")
+    assert len(broadcasts) == 1
+    assert broadcasts[0]["slug"] == "lobby"
+    assert broadcasts[0]["stored"], "broadcast before the message was committed"
+    assert broadcasts[0]["event"] == services.message_event(message, room_slug="lobby")
+    assert broadcasts[0]["event"]["client_id"] == "c-1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_post_in_a_rolled_back_transaction_is_never_broadcast(room, alice, broadcasts):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        post(room, alice)
+        raise RuntimeError("the caller fails after posting")
+    assert broadcasts == []
+    assert room.messages.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retried_post_is_not_broadcast_again(room, alice, broadcasts):
+    post(room, alice, client_id="c-1")
+    post(room, alice, client_id="c-1")
+    assert len(broadcasts) == 1
+
+
+# ---------------------------------------------------------------------------
+# room_history, room_messages_since, room_welcome
+# ---------------------------------------------------------------------------
+
+
+def history(room: Room, before: int | None, limit: int) -> services.MessagePage:
+    return services.room_history(room=room, before=before, limit=limit)
+
+
+def test_history_of_an_empty_room_is_empty(room):
+    page = history(room, None, 50)
+    assert (page.events, page.has_more) == ([], False)
+
+
+@pytest.mark.parametrize(
+    ("before", "limit", "expected", "has_more"),
+    [
+        (None, 2, [4, 5], True),
+        (None, 5, [1, 2, 3, 4, 5], False),
+        (None, 50, [1, 2, 3, 4, 5], False),
+        (4, 2, [2, 3], True),
+        (3, 2, [1, 2], False),
+        (2, 2, [1], False),
+        (1, 2, [], False),
+        (99, 1, [5], True),
+    ],
+)
+def test_history_pages_back_oldest_first(five, before, limit, expected, has_more):
+    page = history(five, before, limit)
+    assert (seqs(page), page.has_more) == (expected, has_more)
+
+
+def test_history_before_beyond_the_seq_range_is_the_latest_page(five):
+    # protocol accepts any positive `before`; the query must not overflow.
+    assert seqs(history(five, 2**63, 2)) == [4, 5]
+    assert seqs(history(five, 10**100, 2)) == [4, 5]
+
+
+def test_history_events_are_message_events(five, alice):
+    event = history(five, 2, 1).events[0]
+    assert {k: event[k] for k in ("type", "seq", "room", "user", "message")} == {
+        "type": "message",
+        "seq": 1,
+        "room": "lobby",
+        "user": "alice",
+        "message": "m1",
+    }
+
+
+def test_history_stays_in_its_room(five, other_room, bob):
+    post(other_room, bob, "elsewhere")
+    assert [e["message"] for e in history(other_room, None, 50).events] == ["elsewhere"]
+    assert seqs(history(five, None, 50)) == [1, 2, 3, 4, 5]
+
+
+def test_history_page_costs_one_query(five, bob, django_assert_num_queries):
+    post(five, bob, "by bob")
+    with django_assert_num_queries(1):
+        page = history(five, None, 50)
+    assert [e["user"] for e in page.events] == ["alice"] * 5 + ["bob"]
+
+
+@pytest.mark.parametrize(
+    ("since", "expected", "has_more"),
+    [(0, [1, 2, 3, 4, 5], False), (2, [3, 4, 5], True), (5, [], True)],
+)
+def test_messages_since_returns_exactly_what_was_missed(
+    five, since, expected, has_more
+):
+    page = services.room_messages_since(room=five, since=since, limit=10)
+    assert (seqs(page), page.has_more) == (expected, has_more)
+
+
+def test_messages_since_is_none_when_more_than_the_limit_are_missing(five):
+    assert seqs(services.room_messages_since(room=five, since=2, limit=3)) == [3, 4, 5]
+    assert services.room_messages_since(room=five, since=2, limit=2) is None
+
+
+def welcome(room: Room, user, since: int | None, page_size: int = 2, resume_max=10):
+    return services.room_welcome(
+        room=room, user=user, since=since, page_size=page_size, resume_max=resume_max
+    )
+
+
+def test_welcome_without_since_sends_members_and_latest_page(five, alice, bob):
+    open_socket(five, bob, "b1")
+    open_socket(five, alice, "a1")
+    event = welcome(five, alice, None)
+    assert {k: v for k, v in event.items() if k != "messages"} == {
+        "type": "welcome",
+        "room": "lobby",
+        "user": "alice",
+        "members": ["alice", "bob"],
+        "has_more": True,
+    }
+    assert [m["seq"] for m in event["messages"]] == [4, 5]
+
+
+def test_welcome_with_since_sends_everything_missed_beyond_page_size(five, alice):
+    event = welcome(five, alice, since=1, page_size=2)
+    assert [m["seq"] for m in event["messages"]] == [2, 3, 4, 5]
+    assert event["has_more"] is True
+
+
+def test_welcome_with_since_up_to_date_sends_no_messages(five, alice):
+    event = welcome(five, alice, since=5)
+    assert (event["messages"], event["has_more"]) == ([], True)
+
+
+def test_welcome_falls_back_to_latest_page_when_too_much_was_missed(five, alice):
+    event = welcome(five, alice, since=0, page_size=2, resume_max=3)
+    assert [m["seq"] for m in event["messages"]] == [4, 5]
+    assert event["has_more"] is True
+
+
+# ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+def summaries(*slugs: str) -> list[tuple[str, int]]:
+    """Returns (slug, online) of room_list, in its order, for the named rooms only."""
+    return [(s.slug, s.online) for s in services.room_list() if s.slug in slugs]
+
+
+def test_room_list_counts_distinct_online_users(room, other_room, alice, bob):
+    open_socket(room, alice, "a1")
+    open_socket(room, alice, "a2")
+    open_socket(room, bob, "b1")
+    open_socket(other_room, alice, "a3")
+    online = dict(summaries("lobby", "other"))
+    assert online == {"lobby": 2, "other": 1}
+
+
+def test_room_list_shows_empty_rooms_with_nobody_online(room):
+    assert summaries("lobby") == [("lobby", 0)]
+
+
+def test_room_list_orders_by_last_activity_then_slug(db):
+    start = timezone.now() - timedelta(days=1)
+    rooms = {
+        # slug: (created_at, last_message_at)
+        "quiet": (start + timedelta(hours=3), None),
+        "busy": (start, start + timedelta(hours=4)),
+        "stale": (start, start + timedelta(hours=1)),
+        "b-tie": (start + timedelta(hours=2), None),
+        "a-tie": (start + timedelta(hours=2), None),
+    }
+    for slug, (created_at, last_message_at) in rooms.items():
+        Room.objects.create(slug=slug)
+        Room.objects.filter(slug=slug).update(
+            created_at=created_at, last_message_at=last_message_at
+        )
+    listed = services.room_list()
+    assert [s.slug for s in listed if s.slug in rooms] == [
+        "busy",
+        "quiet",
+        "a-tie",
+        "b-tie",
+        "stale",
+    ]
+    assert {s.slug: s.last_activity for s in listed}["quiet"] == rooms["quiet"][0]
+
+
+def test_posting_moves_a_room_to_the_top(room, other_room, alice):
+    post(other_room, alice)
+    post(room, alice)
+    assert [slug for slug, _ in summaries("lobby", "other")] == ["lobby", "other"]
+    post(other_room, alice)
+    assert [slug for slug, _ in summaries("lobby", "other")] == ["other", "lobby"]
+
+
+def test_room_get_finds_existing_rooms_only(room):
+    assert services.room_get(slug="lobby") == room
+    assert services.room_get(slug="missing") is None
+
+
+@pytest.mark.parametrize("slug", ["", "LOBBY", "lobby\n", "bad name", "٣", "a" * 65])
+def test_room_get_with_an_invalid_name_is_none_without_a_query(
+    room, slug, django_assert_num_queries
+):
+    with django_assert_num_queries(0):
+        assert services.room_get(slug=slug) is None
+
+
+def test_room_get_or_create_creates_once(db):
+    room, created = services.room_get_or_create(slug="new-room")
+    again, created_again = services.room_get_or_create(slug="new-room")
+    assert (created, created_again, again.pk) == (True, False, room.pk)
+    assert Room.objects.filter(slug="new-room").count() == 1
+
+
+@pytest.mark.parametrize("slug", ["", "New", "new\n", "-new", "a" * 65])
+def test_room_get_or_create_refuses_invalid_names(db, slug):
+    before = Room.objects.count()
+    with pytest.raises(services.InvalidRoomName):
+        services.room_get_or_create(slug=slug)
+    assert Room.objects.count() == before
