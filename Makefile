@@ -22,7 +22,6 @@ $(VENV)/.installed: requirements.txt
 ## run: serve the chat at http://$(HOST):$(PORT)/ with daphne (SQLite + in-memory layer)
 run: venv
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py chat_forget_connections
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) chatproject.asgi:application
 
 ## system-packages: install the servers the tests start (redis-server, PostgreSQL)

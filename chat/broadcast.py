@@ -13,8 +13,9 @@ from channels.layers import get_channel_layer
 
 from chat.protocol import encode, room_group_name, user_group_name
 
-# The channel-layer message type; ChatConsumer.chat_event handles it.
+# Channel-layer message types; ChatConsumer.chat_event and chat_kick handle them.
 CHAT_EVENT = "chat.event"
+CHAT_KICK = "chat.kick"
 
 
 def _group_message(event: dict[str, Any], exclude_channel: str | None) -> dict:
@@ -50,3 +51,15 @@ async def push_user_async(user_id: int, event: dict[str, Any]) -> None:
 def push_user(user_id: int, event: dict[str, Any]) -> None:
     """Sync form of push_user_async."""
     async_to_sync(push_user_async)(user_id, event)
+
+
+async def kick_user_async(user_id: int, room_slug: str) -> None:
+    """Closes every socket of one user in one room, on every worker, with 4403."""
+    await get_channel_layer().group_send(
+        user_group_name(user_id), {"type": CHAT_KICK, "room": room_slug}
+    )
+
+
+def kick_user(user_id: int, room_slug: str) -> None:
+    """Sync form of kick_user_async."""
+    async_to_sync(kick_user_async)(user_id, room_slug)

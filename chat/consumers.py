@@ -10,10 +10,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import presence, protocol, services
+from chat import moderation, presence, protocol, services
 from chat.broadcast import broadcast_room_async
 from chat.limits import Throttle, TokenBucket
 from chat.models import Room
+from chat.worker import ensure_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.room is None:
             await self.close(code=protocol.CLOSE_NO_SUCH_ROOM)
             return
+        if await database_sync_to_async(moderation.ban_active)(room=self.room, user=user):
+            await self.close(code=protocol.CLOSE_FORBIDDEN)
+            return
 
         self.user = user
         self.limits = frame_limits()
@@ -85,6 +89,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_TOO_MANY_CONNECTIONS)
             return
         self.registered = True
+        ensure_heartbeat()
         welcome = await database_sync_to_async(services.room_welcome)(
             room=self.room,
             user=user,
@@ -190,3 +195,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Called for each room broadcast: the text is ready, send it as it is."""
         if message.get("exclude") != self.channel_name:
             await self.send(text_data=message["text"])
+
+    async def chat_kick(self, message: dict) -> None:
+        """Called when a moderator kicks or bans this socket's user from a room."""
+        if self.room is not None and message.get("room") == self.room.slug:
+            logger.info("closing socket of user %s in %s: kicked", self.user.pk, self.room.slug)
+            await self.close(code=protocol.CLOSE_FORBIDDEN)

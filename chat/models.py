@@ -62,6 +62,17 @@ class Message(models.Model):
         return f"{self.room.slug}#{self.seq} {self.author}: {self.body[:40]}"
 
 
+class Worker(models.Model):
+    """A worker process holding sockets; alive while it renews its lease."""
+
+    id = models.CharField(max_length=200, primary_key=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.id
+
+
 class Connection(models.Model):
     """One open WebSocket: the presence store that join, leave and members read."""
 
@@ -70,8 +81,9 @@ class Connection(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_connections"
     )
     channel_name = models.CharField(max_length=200, unique=True)
-    # The worker process that holds the socket (host:pid).
-    worker = models.CharField(max_length=200)
+    # The worker process that holds the socket (Worker.id). Not a foreign key:
+    # a row must be written even while its worker's lease row is being swept.
+    worker = models.CharField(max_length=200, db_index=True)
     address = models.CharField(max_length=100, blank=True)
     connected_at = models.DateTimeField(auto_now_add=True)
 

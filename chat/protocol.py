@@ -62,6 +62,7 @@ ERROR_INVALID_CLIENT_ID = "invalid_client_id"
 ERROR_INVALID_FIELD = "invalid_field"
 ERROR_INVALID_SINCE = "invalid_since"
 ERROR_RATE_LIMITED = "rate_limited"
+ERROR_ROOM_CLOSED = "room_closed"
 
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -291,6 +292,7 @@ def event_welcome(
     members: list[str],
     messages: list[dict[str, Any]],
     has_more: bool,
+    closed: bool = False,
 ) -> dict[str, Any]:
     """Returns the `welcome` event sent right after a socket is accepted."""
     return {
@@ -300,6 +302,7 @@ def event_welcome(
         "members": members,
         "messages": messages,
         "has_more": has_more,
+        "closed": closed,
     }
 
 
@@ -328,6 +331,16 @@ def event_leave(*, user: str, members: int) -> dict[str, Any]:
 def event_typing(*, user: str) -> dict[str, Any]:
     """Returns a `typing` event."""
     return {"type": "typing", "user": user}
+
+
+def event_deleted(*, id: int, seq: int) -> dict[str, Any]:
+    """Returns a `deleted` event: a moderator removed a message."""
+    return {"type": "deleted", "id": id, "seq": seq}
+
+
+def event_room_state(*, closed: bool) -> dict[str, Any]:
+    """Returns a `room` event: the room was closed (read-only) or reopened."""
+    return {"type": "room", "closed": closed}
 
 
 def event_push(*, event: str, data: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, F
+from django.db.models import Count, F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -54,7 +54,11 @@ class RoomSummary:
 def room_list() -> list[RoomSummary]:
     """Returns every room with its online count, most recently active first."""
     rooms = Room.objects.annotate(
-        online=Count("connections__user", distinct=True),
+        online=Count(
+            "connections__user",
+            distinct=True,
+            filter=Q(connections__worker__in=presence.live_worker_ids()),
+        ),
         last_activity=Coalesce(F("last_message_at"), F("created_at")),
     ).order_by("-last_activity", "slug")
     return [
@@ -93,6 +97,7 @@ def message_post(
 
     Returns (message, created). A `client_id` this user already used in this
     room returns the stored message and creates nothing: a retried send.
+    Raises ProtocolError(room_closed) when the room is closed.
     `author` is the name shown (default: the username), for API tokens.
     """
     with transaction.atomic():
@@ -105,6 +110,12 @@ def message_post(
             ).first()
             if existing is not None:
                 return existing, False
+        if locked.is_closed:
+            raise protocol.ProtocolError(
+                protocol.ERROR_ROOM_CLOSED,
+                "the room is closed: it can be read but not posted to",
+                client_id,
+            )
         now = timezone.now()
         locked.last_seq += 1
         locked.last_message_at = now
@@ -135,7 +146,7 @@ def _page(room: Room, messages: list[Message]) -> list[dict[str, Any]]:
 
 def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
     """Returns up to `limit` messages with seq below `before`, oldest first."""
-    queryset = Message.objects.filter(room=room)
+    queryset = Message.objects.filter(room=room, deleted_at__isnull=True)
     if before is not None:
         queryset = queryset.filter(seq__lt=before)
     newest_first = list(queryset.order_by("-seq")[: limit + 1])
@@ -150,11 +161,17 @@ def room_messages_since(*, room: Room, since: int, limit: int) -> MessagePage | 
     latest page instead and the client fills the gap with `history`.
     """
     messages = list(
-        Message.objects.filter(room=room, seq__gt=since).order_by("seq")[: limit + 1]
+        Message.objects.filter(room=room, seq__gt=since, deleted_at__isnull=True)
+        .order_by("seq")[: limit + 1]
     )
     if len(messages) > limit:
         return None
-    has_more = since > 0 and Message.objects.filter(room=room, seq__lte=since).exists()
+    has_more = (
+        since > 0
+        and Message.objects.filter(
+            room=room, seq__lte=since, deleted_at__isnull=True
+        ).exists()
+    )
     return MessagePage(events=_page(room, messages), has_more=has_more)
 
 
@@ -178,5 +195,6 @@ def room_welcome(
         members=presence.room_members(room=room),
         messages=page.events,
         has_more=page.has_more,
+        closed=room.is_closed,
     )
 

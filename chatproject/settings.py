@@ -210,3 +210,6 @@ CHAT_RATE_MESSAGES = env_int("CHAT_RATE_MESSAGES", 20)
 CHAT_RATE_WINDOW_SECONDS = env_int("CHAT_RATE_WINDOW_SECONDS", 10)
 CHAT_TYPING_INTERVAL_SECONDS = env_int("CHAT_TYPING_INTERVAL_SECONDS", 2)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
+# A worker renews its lease every third of this; the sockets of a worker whose
+# lease ran out are swept (with `leave` events) by the live ones.
+CHAT_WORKER_LEASE_SECONDS = env_int("CHAT_WORKER_LEASE_SECONDS", 30)

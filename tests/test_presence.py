@@ -6,8 +6,12 @@ from typing import Any
 
 import pytest
 
+from datetime import timedelta
+
+from django.utils import timezone
+
 from chat import presence
-from chat.models import Connection, Room
+from chat.models import Connection, Room, Worker
 
 pytestmark = pytest.mark.django_db
 
@@ -100,14 +104,83 @@ def test_too_many_connections_at_the_per_user_limit(room, other_room, alice, bob
     assert open_socket(room, alice, "a3", max_per_user=2) is True
 
 
-def test_forget_all_deletes_every_socket_row(room, other_room, alice, bob):
-    assert presence.connections_forget_all() == 0
+def kill_worker(worker_id: str = presence.WORKER_ID) -> None:
+    """Ages a worker's lease past the limit, as if it stopped renewing it."""
+    Worker.objects.filter(id=worker_id).update(
+        heartbeat_at=timezone.now() - timedelta(seconds=3600)
+    )
+
+
+def open_on(worker_id: str, room: Room, user, channel: str) -> None:
+    """Records a socket held by another worker process."""
+    presence.worker_heartbeat(worker_id=worker_id)
+    Connection.objects.create(room=room, user=user, channel_name=channel, worker=worker_id)
+
+
+def test_sockets_of_a_worker_whose_lease_ran_out_are_not_online(room, alice, bob):
+    open_on("other-worker", room, bob, "b1")
     open_socket(room, alice, "a1")
-    open_socket(room, alice, "a2")
-    open_socket(other_room, bob, "b1")
-    assert presence.connections_forget_all() == 3
+    assert members(room) == ["alice", "bob"]
+    kill_worker("other-worker")
+    assert members(room) == ["alice"]
+    assert presence.user_socket_count(user=bob) == 0
+
+
+def test_sweep_forgets_a_dead_workers_sockets_and_its_lease(room, alice, bob):
+    open_on("dead-worker", room, bob, "b1")
+    open_on("dead-worker", room, bob, "b2")
+    open_socket(room, alice, "a1")
+    kill_worker("dead-worker")
+    assert presence.workers_sweep() == 2
+    assert list(Connection.objects.values_list("channel_name", flat=True)) == ["a1"]
+    assert not Worker.objects.filter(id="dead-worker").exists()
+    assert presence.workers_sweep() == 0
+
+
+def test_sweep_forgets_sockets_of_a_worker_with_no_lease_row(room, bob):
+    Connection.objects.create(room=room, user=bob, channel_name="b1", worker="gone")
+    assert presence.workers_sweep() == 1
     assert Connection.objects.count() == 0
-    assert members(room) == members(other_room) == []
+
+
+def test_a_live_lease_is_never_swept(room, alice):
+    open_socket(room, alice, "a1")
+    assert presence.workers_sweep() == 0
+    assert members(room) == ["alice"]
+
+
+def test_heartbeat_renews_an_aged_lease(room, alice):
+    open_socket(room, alice, "a1")
+    kill_worker()
+    assert members(room) == []
+    presence.worker_heartbeat()
+    assert members(room) == ["alice"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep_sends_leave_only_for_users_with_no_live_socket(
+    room, alice, bob, make_user, broadcasts
+):
+    carol = make_user("carol")
+    open_on("dead-worker", room, bob, "b1")
+    open_on("dead-worker", room, carol, "c1")
+    open_socket(room, alice, "a1")
+    # carol reconnected to this worker before the dead one was noticed.
+    open_socket(room, carol, "c2")
+    kill_worker("dead-worker")
+    broadcasts.clear()
+    presence.workers_sweep()
+    assert broadcasts == [
+        ("lobby", {"type": "leave", "user": "bob", "members": 2}, None)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconnect_within_the_lease_is_not_a_join(room, bob, broadcasts):
+    """A socket moving from a dying worker to a live one does not flicker."""
+    open_on("dying-worker", room, bob, "b1")
+    assert open_socket(room, bob, "b2") is False
+    assert broadcasts == []
 
 
 @pytest.mark.django_db(transaction=True)

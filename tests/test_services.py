@@ -10,8 +10,8 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from chat import services
-from chat.models import Connection, Message, Room
+from chat import presence, services
+from chat.models import Message, Room
 
 pytestmark = pytest.mark.django_db
 
@@ -29,9 +29,9 @@ def stored_seqs(room: Room) -> list[int]:
     return list(room.messages.order_by("seq").values_list("seq", flat=True))
 
 
-def open_socket(room: Room, user, channel_name: str) -> Connection:
-    return Connection.objects.create(
-        room=room, user=user, channel_name=channel_name, worker="test:1"
+def open_socket(room: Room, user, channel_name: str) -> None:
+    presence.connection_open(
+        room=room, user=user, channel_name=channel_name, max_per_user=20
     )
 
 
@@ -278,6 +278,7 @@ def test_welcome_without_since_sends_members_and_latest_page(five, alice, bob):
         "user": "alice",
         "members": ["alice", "bob"],
         "has_more": True,
+        "closed": False,
     }
     assert [m["seq"] for m in event["messages"]] == [4, 5]
 

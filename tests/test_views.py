@@ -8,7 +8,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from chat.models import Connection, Room
+from chat import presence
+from chat.models import Room
 
 pytestmark = pytest.mark.django_db
 
@@ -140,7 +141,9 @@ def test_site_root_redirects_to_the_lobby(client):
 def test_lobby_lists_rooms_with_distinct_online_users(signed_in, room, alice, bob):
     Room.objects.create(slug="empty")
     for user, channel in ((alice, "a1"), (alice, "a2"), (bob, "b1")):
-        Connection.objects.create(room=room, user=user, channel_name=channel)
+        presence.connection_open(
+            room=room, user=user, channel_name=channel, max_per_user=20
+        )
     response = signed_in.get(LOBBY)
     assert response.status_code == 200
     counts = online_counts(response.content.decode())

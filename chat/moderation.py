@@ -1,0 +1,188 @@
+"""Moderation: delete a message, close or reopen a room, kick, ban and unban.
+
+Each operation is recorded as a ModerationAction and takes effect on every
+worker at once through the channel layer, after its transaction commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from chat import protocol
+from chat.broadcast import broadcast_room, kick_user
+from chat.models import Message, ModerationAction, Room, RoomBan
+
+logger = logging.getLogger(__name__)
+
+
+def _record(
+    kind: str,
+    *,
+    actor: AbstractBaseUser | None,
+    room: Room | None = None,
+    target_user: AbstractBaseUser | None = None,
+    message: Message | None = None,
+    detail: str = "",
+) -> ModerationAction:
+    return ModerationAction.objects.create(
+        kind=kind,
+        actor=actor,
+        room=room,
+        target_user=target_user,
+        message=message,
+        detail=detail[:500],
+    )
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+def message_delete(*, message: Message, actor: AbstractBaseUser | None) -> bool:
+    """Soft-deletes a message and tells every open page; False if already gone.
+
+    The row stays (hidden from history) so seqs keep no holes and the record
+    of what was removed survives.
+    """
+    with transaction.atomic():
+        locked = Message.objects.select_for_update().select_related("room").get(
+            pk=message.pk
+        )
+        if locked.deleted_at is not None:
+            return False
+        locked.deleted_at = timezone.now()
+        locked.deleted_by = actor
+        locked.save(update_fields=["deleted_at", "deleted_by"])
+        _record(
+            ModerationAction.Kind.DELETE_MESSAGE,
+            actor=actor,
+            room=locked.room,
+            target_user=locked.user,
+            message=locked,
+            detail=f"#{locked.seq} by {locked.author}: {locked.body[:200]}",
+        )
+        slug = locked.room.slug
+        event = protocol.event_deleted(id=locked.pk, seq=locked.seq)
+        transaction.on_commit(lambda: broadcast_room(slug, event))
+    logger.info("message %s deleted by %s", message.pk, actor)
+    return True
+
+
+def messages_delete(
+    *, messages: Iterable[Message], actor: AbstractBaseUser | None
+) -> int:
+    """Soft-deletes several messages; returns how many were not deleted before."""
+    return sum(message_delete(message=message, actor=actor) for message in messages)
+
+
+# ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+def room_set_closed(
+    *, room: Room, closed: bool, actor: AbstractBaseUser | None
+) -> bool:
+    """Closes (read-only) or reopens a room; False when it already was so."""
+    with transaction.atomic():
+        locked = Room.objects.select_for_update().get(pk=room.pk)
+        if locked.is_closed == closed:
+            return False
+        locked.is_closed = closed
+        locked.save(update_fields=["is_closed"])
+        kind = ModerationAction.Kind.CLOSE_ROOM if closed else ModerationAction.Kind.REOPEN_ROOM
+        _record(kind, actor=actor, room=locked)
+        event = protocol.event_room_state(closed=closed)
+        transaction.on_commit(lambda: broadcast_room(locked.slug, event))
+    room.is_closed = closed
+    logger.info("room %s %s by %s", room.slug, "closed" if closed else "reopened", actor)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Users
+# ---------------------------------------------------------------------------
+
+
+def user_kick(
+    *,
+    room: Room,
+    user: AbstractBaseUser,
+    actor: AbstractBaseUser | None,
+    reason: str = "",
+) -> None:
+    """Closes every socket of `user` in `room` with 4403, on every worker."""
+    with transaction.atomic():
+        _record(
+            ModerationAction.Kind.KICK,
+            actor=actor,
+            room=room,
+            target_user=user,
+            detail=reason,
+        )
+        transaction.on_commit(lambda: kick_user(user.pk, room.slug))
+    logger.info("user %s kicked from %s by %s", user.pk, room.slug, actor)
+
+
+def ban_active(*, room: Room, user: AbstractBaseUser) -> RoomBan | None:
+    """Returns the ban keeping `user` out of `room` now, if any."""
+    return (
+        RoomBan.objects.filter(room=room, user=user)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def user_ban(
+    *,
+    room: Room,
+    user: AbstractBaseUser,
+    actor: AbstractBaseUser | None,
+    reason: str = "",
+    expires_at: datetime | None = None,
+    ban: RoomBan | None = None,
+) -> RoomBan:
+    """Bans `user` from `room` until `expires_at` (for ever if None) and kicks them.
+
+    `ban` is an unsaved RoomBan to store (the admin's form builds one).
+    """
+    with transaction.atomic():
+        if ban is None:
+            ban = RoomBan(room=room, user=user)
+        ban.reason = reason
+        ban.expires_at = expires_at
+        ban.created_by = actor
+        ban.save()
+        until = f" until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+        _record(
+            ModerationAction.Kind.BAN,
+            actor=actor,
+            room=room,
+            target_user=user,
+            detail=f"{reason}{until}".strip(),
+        )
+        transaction.on_commit(lambda: kick_user(user.pk, room.slug))
+    logger.info("user %s banned from %s by %s", user.pk, room.slug, actor)
+    return ban
+
+
+def ban_lift(*, ban: RoomBan, actor: AbstractBaseUser | None) -> None:
+    """Deletes a ban so the user may come back, and records who lifted it."""
+    with transaction.atomic():
+        _record(
+            ModerationAction.Kind.UNBAN,
+            actor=actor,
+            room=ban.room,
+            target_user=ban.user,
+            detail=ban.reason,
+        )
+        ban.delete()
