@@ -1,53 +1,487 @@
-"""Admin: rooms and messages, for looking inside the running chat."""
+"""Admin: look inside the running chat and moderate it.
 
-from django.contrib import admin
-from django.db.models import Count
+Online figures come from the presence store (live workers only), the same truth
+the chat itself uses. Every moderation step goes through chat.moderation, so it
+takes effect on every worker at once and is recorded as a ModerationAction.
+"""
 
-from chat.models import Connection, Message, Room
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, Q
+from django.db.models.functions import Coalesce
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from chat import moderation, presence, protocol
+from chat.models import Connection, Message, ModerationAction, Room, RoomBan, Worker
+
+RECENT_MESSAGES = 20
+
+
+def admin_link(obj, text: str | None = None) -> str:
+    """Returns a link to the admin change page of `obj` (or "-" for None)."""
+    if obj is None:
+        return "-"
+    meta = obj._meta
+    url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, text or str(obj))
+
+
+# ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+class ActivityFilter(admin.SimpleListFilter):
+    title = "activity"
+    parameter_name = "active"
+    WINDOWS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+
+    def lookups(self, request, model_admin):
+        return [("hour", "Active in the last hour"), ("day", "Active in the last day")]
+
+    def queryset(self, request, queryset):
+        window = self.WINDOWS.get(self.value())
+        if window is None:
+            return queryset
+        return queryset.filter(last_message_at__gte=timezone.now() - window)
+
+
+class ConnectionInline(admin.TabularInline):
+    """The sockets open in the room right now, on live workers."""
+
+    model = Connection
+    verbose_name = "open socket"
+    verbose_name_plural = "open sockets (live workers only)"
+    fields = ["user", "worker", "connected_at", "address", "channel_name"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def get_queryset(self, request):
+        return presence.live_connections().select_related("user").order_by(
+            "user__username", "connected_at"
+        )
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class RoomAdminForm(forms.ModelForm):
+    class Meta:
+        model = Room
+        fields = ["slug"]
+
+    def clean_slug(self) -> str:
+        slug = self.cleaned_data["slug"]
+        if not protocol.is_valid_room_name(slug):
+            raise forms.ValidationError(
+                "Use 1-64 lower-case letters, digits, - or _, starting with a "
+                "letter or digit."
+            )
+        return slug
 
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["slug", "online", "last_seq", "last_message_at", "created_at"]
+    form = RoomAdminForm
+    list_display = [
+        "slug",
+        "online_members",
+        "open_sockets",
+        "messages_total",
+        "messages_last_hour",
+        "last_activity",
+        "created_at",
+        "is_closed",
+    ]
+    list_filter = ["is_closed", ActivityFilter, "created_at"]
     search_fields = ["slug"]
-    list_filter = ["created_at", "last_message_at"]
-    readonly_fields = ["last_seq", "last_message_at", "created_at"]
-    date_hierarchy = "created_at"
+    readonly_fields = [
+        "last_seq",
+        "last_message_at",
+        "created_at",
+        "is_closed",
+        "online_now",
+        "recent_messages",
+    ]
+    fields = ["slug", "is_closed", "created_at", "last_seq", "last_message_at",
+              "online_now", "recent_messages"]
+    inlines = [ConnectionInline]
+    actions = ["close_rooms", "reopen_rooms"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Renaming a room would strand the sockets in its old group.
+        if obj is not None:
+            return ["slug", *self.readonly_fields]
+        return self.readonly_fields
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(
-            online_count=Count("connections__user", distinct=True)
+        live = Q(connections__worker__in=presence.live_worker_ids())
+        hour_ago = timezone.now() - timedelta(hours=1)
+        visible = Q(messages__deleted_at__isnull=True)
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                online_count=Count("connections__user", distinct=True, filter=live),
+                socket_count=Count("connections", distinct=True, filter=live),
+                message_count=Count("messages", distinct=True, filter=visible),
+                recent_count=Count(
+                    "messages",
+                    distinct=True,
+                    filter=visible & Q(messages__created_at__gte=hour_ago),
+                ),
+                last_activity_at=Coalesce("last_message_at", "created_at"),
+            )
         )
 
     @admin.display(description="online", ordering="online_count")
-    def online(self, room: Room) -> int:
+    def online_members(self, room: Room) -> int:
         return room.online_count
+
+    @admin.display(description="sockets", ordering="socket_count")
+    def open_sockets(self, room: Room) -> int:
+        return room.socket_count
+
+    @admin.display(description="messages", ordering="message_count")
+    def messages_total(self, room: Room) -> int:
+        return room.message_count
+
+    @admin.display(description="last hour", ordering="recent_count")
+    def messages_last_hour(self, room: Room) -> int:
+        return room.recent_count
+
+    @admin.display(description="last activity", ordering="last_activity_at")
+    def last_activity(self, room: Room):
+        return room.last_activity_at
+
+    @admin.display(description="online now")
+    def online_now(self, room: Room) -> str:
+        rows = (
+            presence.live_connections()
+            .filter(room=room)
+            .values("user__id", "user__username")
+            .annotate(sockets=Count("id"))
+            .order_by("user__username")
+        )
+        if not rows:
+            return "nobody"
+        sockets_url = reverse("admin:chat_connection_changelist")
+        return format_html(
+            '<ul>{}</ul><a href="{}?room__id__exact={}">Kick or ban from the open '
+            "sockets list</a>",
+            format_html_join(
+                "",
+                "<li>{} ({} socket{})</li>",
+                (
+                    (row["user__username"], row["sockets"], "" if row["sockets"] == 1 else "s")
+                    for row in rows
+                ),
+            ),
+            sockets_url,
+            room.pk,
+        )
+
+    @admin.display(description=f"last {RECENT_MESSAGES} messages")
+    def recent_messages(self, room: Room) -> str:
+        recent = list(room.messages.order_by("-seq")[:RECENT_MESSAGES])[::-1]
+        if not recent:
+            return "none yet"
+        return format_html(
+            "<table>{}</table>",
+            format_html_join(
+                "",
+                "<tr><td>#{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                (
+                    (
+                        message.seq,
+                        timezone.localtime(message.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+                        message.author,
+                        admin_link(message, message.body[:120]),
+                        "deleted" if message.deleted_at else "",
+                    )
+                    for message in recent
+                ),
+            ),
+        )
+
+    def has_close_permission(self, request) -> bool:
+        return request.user.has_perm("chat.close_room")
+
+    @admin.action(description="Close the selected rooms (read-only)", permissions=["close"])
+    def close_rooms(self, request, queryset) -> None:
+        self._set_closed(request, queryset, closed=True)
+
+    @admin.action(description="Reopen the selected rooms", permissions=["close"])
+    def reopen_rooms(self, request, queryset) -> None:
+        self._set_closed(request, queryset, closed=False)
+
+    def _set_closed(self, request, queryset, *, closed: bool) -> None:
+        changed = [
+            room.slug
+            for room in queryset
+            if moderation.room_set_closed(room=room, closed=closed, actor=request.user)
+        ]
+        verb = "Closed" if closed else "Reopened"
+        if changed:
+            self.message_user(request, f"{verb}: {', '.join(changed)}.", messages.SUCCESS)
+        else:
+            self.message_user(request, "Nothing to change.", messages.INFO)
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+class DeletedFilter(admin.SimpleListFilter):
+    title = "deleted"
+    parameter_name = "deleted"
+
+    def lookups(self, request, model_admin):
+        return [("no", "Visible"), ("yes", "Deleted")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(deleted_at__isnull=True)
+        return queryset
 
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["room", "seq", "author", "short_body", "created_at", "client_id"]
-    list_filter = ["room", "created_at"]
-    search_fields = ["body", "author", "room__slug"]
-    list_select_related = ["room"]
-    readonly_fields = ["room", "seq", "user", "author", "client_id", "created_at"]
-    raw_id_fields = ["user"]
+    list_display = [
+        "created_at",
+        "room_link",
+        "seq",
+        "author_link",
+        "short_body",
+        "is_deleted",
+    ]
+    list_display_links = ["created_at"]
+    list_filter = [DeletedFilter, "room", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["body", "author", "user__username"]
+    list_select_related = ["room", "user"]
     date_hierarchy = "created_at"
+    readonly_fields = [
+        "room",
+        "seq",
+        "user",
+        "author",
+        "body",
+        "client_id",
+        "created_at",
+        "deleted_at",
+        "deleted_by",
+    ]
+
+    def has_add_permission(self, request) -> bool:
+        # Messages are posted through the chat or the API, never typed in here.
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # Viewing is allowed; what was said is not rewritten.
+        return False
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("chat.view_message") or request.user.has_perm(
+            "chat.delete_message"
+        )
+
+    @admin.display(description="room", ordering="room__slug")
+    def room_link(self, message: Message) -> str:
+        return admin_link(message.room)
+
+    @admin.display(description="author", ordering="author")
+    def author_link(self, message: Message) -> str:
+        return admin_link(message.user, message.author) if message.user else message.author
 
     @admin.display(description="message")
     def short_body(self, message: Message) -> str:
         return message.body if len(message.body) <= 80 else message.body[:79] + "…"
 
+    @admin.display(description="deleted", boolean=True)
+    def is_deleted(self, message: Message) -> bool:
+        return message.deleted_at is not None
+
+    # Deleting from the admin is a soft delete that every open page sees at once.
+
+    def delete_model(self, request, obj: Message) -> None:
+        moderation.message_delete(message=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset) -> None:
+        moderation.messages_delete(messages=queryset, actor=request.user)
+
+
+# ---------------------------------------------------------------------------
+# Sockets, kicks and bans
+# ---------------------------------------------------------------------------
+
+
+class LiveFilter(admin.SimpleListFilter):
+    title = "worker"
+    parameter_name = "live"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Live workers"), ("no", "Dead workers (awaiting sweep)")]
+
+    def queryset(self, request, queryset):
+        live = presence.live_worker_ids()
+        if self.value() == "yes":
+            return queryset.filter(worker__in=live)
+        if self.value() == "no":
+            return queryset.exclude(worker__in=live)
+        return queryset
+
 
 @admin.register(Connection)
 class ConnectionAdmin(admin.ModelAdmin):
-    list_display = ["user", "room", "worker", "address", "connected_at"]
-    list_filter = ["room", "worker"]
-    search_fields = ["user__username", "room__slug", "channel_name"]
+    list_display = ["user", "room", "worker", "connected_at", "address"]
+    list_filter = [LiveFilter, "room", "worker"]
+    search_fields = ["user__username", "room__slug", "worker", "address"]
     list_select_related = ["user", "room"]
+    actions = ["kick_users", "ban_users"]
 
     def has_add_permission(self, request) -> bool:
         # Rows come from open sockets only.
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Deleting a row would not close the socket: kick instead.
+        return False
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("chat.view_connection") or self.has_kick_permission(
+            request
+        )
+
+    def has_kick_permission(self, request) -> bool:
+        return request.user.has_perm("chat.kick_user")
+
+    def has_ban_permission(self, request) -> bool:
+        return request.user.has_perm("chat.add_roomban")
+
+    def _pairs(self, queryset):
+        return {(c.room, c.user) for c in queryset.select_related("room", "user")}
+
+    @admin.action(description="Kick the selected users out of those rooms", permissions=["kick"])
+    def kick_users(self, request, queryset) -> None:
+        pairs = self._pairs(queryset)
+        for room, user in pairs:
+            moderation.user_kick(room=room, user=user, actor=request.user)
+        self.message_user(request, f"Kicked {len(pairs)} user(s).", messages.SUCCESS)
+
+    @admin.action(
+        description="Ban the selected users from those rooms (no expiry)",
+        permissions=["ban"],
+    )
+    def ban_users(self, request, queryset) -> None:
+        pairs = self._pairs(queryset)
+        for room, user in pairs:
+            moderation.user_ban(room=room, user=user, actor=request.user, reason="from the admin")
+        self.message_user(request, f"Banned {len(pairs)} user(s).", messages.SUCCESS)
+
+
+@admin.register(RoomBan)
+class RoomBanAdmin(admin.ModelAdmin):
+    list_display = ["user", "room", "reason", "expires_at", "created_by", "created_at", "active"]
+    list_filter = ["room", "created_at", "expires_at"]
+    search_fields = ["user__username", "room__slug", "reason"]
+    list_select_related = ["user", "room", "created_by"]
+    autocomplete_fields = ["user", "room"]
+    fields = ["room", "user", "reason", "expires_at", "created_by", "created_at"]
+    readonly_fields = ["created_by", "created_at"]
+
+    @admin.display(boolean=True, description="in force")
+    def active(self, ban: RoomBan) -> bool:
+        return ban.expires_at is None or ban.expires_at > timezone.now()
+
+    def get_readonly_fields(self, request, obj=None):
+        # A ban is lifted by deleting it; editing who or where would bypass the kick.
+        if obj is not None:
+            return ["room", "user", *self.readonly_fields]
+        return self.readonly_fields
+
+    def save_model(self, request, obj: RoomBan, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        moderation.user_ban(
+            room=obj.room,
+            user=obj.user,
+            actor=request.user,
+            reason=obj.reason,
+            expires_at=obj.expires_at,
+            ban=obj,
+        )
+
+    def delete_model(self, request, obj: RoomBan) -> None:
+        moderation.ban_lift(ban=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for ban in queryset.select_related("room", "user"):
+            moderation.ban_lift(ban=ban, actor=request.user)
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+
+
+@admin.register(ModerationAction)
+class ModerationActionAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "kind", "actor", "room", "target_user", "message_link", "detail"]
+    list_filter = ["kind", ("created_at", admin.DateFieldListFilter), "room"]
+    search_fields = ["actor__username", "target_user__username", "room__slug", "detail"]
+    list_select_related = ["actor", "room", "target_user", "message"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="message")
+    def message_link(self, action: ModerationAction) -> str:
+        return admin_link(action.message, f"#{action.message.seq}") if action.message else "-"
+
+    # The record is append-only.
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = ["id", "started_at", "heartbeat_at", "alive", "sockets"]
+    readonly_fields = ["id", "started_at", "heartbeat_at"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).order_by("-heartbeat_at")
+
+    @admin.display(boolean=True, description="lease valid")
+    def alive(self, worker: Worker) -> bool:
+        return presence.live_worker_ids().filter(id=worker.id).exists()
+
+    @admin.display(description="sockets")
+    def sockets(self, worker: Worker) -> int:
+        return Connection.objects.filter(worker=worker.id).count()
+
+    def has_add_permission(self, request) -> bool:
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:

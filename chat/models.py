@@ -16,6 +16,10 @@ class Room(models.Model):
 
     class Meta:
         ordering = ["slug"]
+        permissions = [
+            ("close_room", "Can close and reopen rooms"),
+            ("kick_user", "Can kick users out of rooms"),
+        ]
 
     def __str__(self) -> str:
         return self.slug

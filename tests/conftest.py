@@ -182,7 +182,8 @@ class Client:
         while True:
             output = await self.communicator.receive_output(timeout)
             if output["type"] == "websocket.close":
-                self.closed = True
+                # The consumer still waits for the server's websocket.disconnect,
+                # which close() sends, as daphne would.
                 return output.get("code", 1000)
 
     async def close(self) -> None:

@@ -1,0 +1,309 @@
+"""The admin: live inspection, and moderation that open sockets feel at once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client as HttpClient
+from django.utils import timezone
+
+from chat import presence, protocol, services
+from chat.models import Connection, Message, ModerationAction, Room, RoomBan, Worker
+from tests.conftest import assert_event, db, post
+
+ROOMS = "/admin/chat/room/"
+MESSAGES = "/admin/chat/message/"
+SOCKETS = "/admin/chat/connection/"
+BANS = "/admin/chat/roomban/"
+
+
+def open_socket(room: Room, user, channel: str, worker: str | None = None) -> None:
+    if worker is None:
+        presence.connection_open(room=room, user=user, channel_name=channel, max_per_user=20)
+    else:
+        presence.worker_heartbeat(worker_id=worker)
+        Connection.objects.create(
+            room=room, user=user, channel_name=channel, worker=worker, address="10.0.0.9"
+        )
+
+
+def staff_client(make_user, *permissions: str) -> HttpClient:
+    """Returns a client signed in as a staff user holding exactly `permissions`."""
+    user = make_user(f"staff{len(permissions)}", is_staff=True)
+    for codename in permissions:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = HttpClient()
+    client.force_login(user)
+    return client
+
+
+def action(client: HttpClient, url: str, name: str, objects) -> object:
+    return client.post(
+        url,
+        {"action": name, "_selected_action": [obj.pk for obj in objects], "post": "yes"},
+    )
+
+
+def kinds() -> list[str]:
+    return list(ModerationAction.objects.order_by("created_at").values_list("kind", flat=True))
+
+
+# ---------------------------------------------------------------------------
+# Inspection (sync, test client)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_room_list_counts_live_members_sockets_and_messages(admin_client, room, alice, bob):
+    open_socket(room, alice, "a1")
+    open_socket(room, alice, "a2")
+    open_socket(room, bob, "b1", worker="dead-worker")
+    Worker.objects.filter(id="dead-worker").update(
+        heartbeat_at=timezone.now() - timedelta(hours=1)
+    )
+    for text in ("one", "two"):
+        services.message_post(room=room, user=alice, text=text)
+    response = admin_client.get(ROOMS)
+    row = response.context["cl"].result_list.get(pk=room.pk)
+    assert (row.online_count, row.socket_count) == (1, 2), "bob's worker is dead"
+    assert (row.message_count, row.recent_count) == (2, 2)
+    assert response.status_code == 200
+
+
+@pytest.mark.django_db
+def test_room_filters_open_closed_and_recent_activity(admin_client, room, alice):
+    quiet = Room.objects.create(slug="quiet", is_closed=True)
+    services.message_post(room=room, user=alice, text="hi")
+
+    def slugs(query: str) -> list[str]:
+        result = admin_client.get(ROOMS + query).context["cl"].result_list
+        return sorted(r.slug for r in result)
+
+    assert "quiet" in slugs("?is_closed__exact=1") and "lobby" not in slugs(
+        "?is_closed__exact=1"
+    )
+    assert slugs("?active=hour") == ["lobby"]
+    assert quiet.slug in slugs("")
+
+
+@pytest.mark.django_db
+def test_room_page_shows_who_is_online_where_and_recent_messages(
+    admin_client, room, alice, bob
+):
+    open_socket(room, alice, "a1")
+    open_socket(room, alice, "a2")
+    open_socket(room, bob, "b1", worker="other-worker")
+    services.message_post(room=room, user=bob, text="<b>bold?</b>")
+    page = admin_client.get(f"{ROOMS}{room.pk}/change/").content.decode()
+    assert "alice (2 sockets)" in page and "bob (1 socket)" in page
+    assert presence.WORKER_ID in page and "other-worker" in page
+    assert "10.0.0.9" in page
+    assert "&lt;b&gt;bold?&lt;/b&gt;" in page, "message text is escaped"
+
+
+@pytest.mark.django_db
+def test_messages_are_searchable_and_filterable_with_links(admin_client, room, alice, bob):
+    other = Room.objects.create(slug="other")
+    services.message_post(room=room, user=alice, text="apples")
+    services.message_post(room=other, user=bob, text="bananas")
+
+    def bodies(query: str) -> list[str]:
+        return [m.body for m in admin_client.get(MESSAGES + query).context["cl"].result_list]
+
+    assert bodies("?q=apples") == ["apples"]
+    assert bodies("?q=bob") == ["bananas"]
+    assert bodies(f"?room__id__exact={other.pk}") == ["bananas"]
+    page = admin_client.get(MESSAGES).content.decode()
+    assert f"/admin/chat/room/{room.pk}/change/" in page
+    assert f"/admin/auth/user/{alice.pk}/change/" in page
+
+
+@pytest.mark.django_db
+def test_admin_refuses_non_staff(client, alice, room):
+    client.force_login(alice)
+    response = client.get(ROOMS)
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+@pytest.mark.django_db
+def test_staff_without_permission_cannot_delete_or_ban(make_user, room, alice):
+    message, _ = services.message_post(room=room, user=alice, text="keep me")
+    viewer = staff_client(make_user, "view_message", "view_room", "view_connection")
+    open_socket(room, alice, "a1")
+
+    assert viewer.post(f"{MESSAGES}{message.pk}/delete/", {"post": "yes"}).status_code == 403
+    action(viewer, MESSAGES, "delete_selected", [message])
+    assert viewer.get(f"{BANS}add/").status_code == 403
+    action(viewer, SOCKETS, "ban_users", Connection.objects.all())
+    action(viewer, ROOMS, "close_rooms", [room])
+    message.refresh_from_db()
+    room.refresh_from_db()
+    assert message.deleted_at is None
+    assert not RoomBan.objects.exists()
+    assert room.is_closed is False
+    assert kinds() == []
+
+
+@pytest.mark.django_db
+def test_staff_with_delete_permission_can_delete(make_user, room, alice):
+    message, _ = services.message_post(room=room, user=alice, text="spam")
+    moderator = staff_client(make_user, "view_message", "delete_message")
+    moderator.post(f"{MESSAGES}{message.pk}/delete/", {"post": "yes"})
+    message.refresh_from_db()
+    assert message.deleted_at is not None
+
+
+@pytest.mark.django_db
+def test_admin_posts_need_a_csrf_token(admin_user, room):
+    client = HttpClient(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    response = action(client, ROOMS, "close_rooms", [room])
+    assert response.status_code == 403
+    room.refresh_from_db()
+    assert room.is_closed is False
+
+
+@pytest.mark.django_db
+def test_moderation_record_is_read_only(admin_client, room, alice):
+    message, _ = services.message_post(room=room, user=alice, text="x")
+    action(admin_client, MESSAGES, "delete_selected", [message])
+    record = ModerationAction.objects.get()
+    page = admin_client.get("/admin/chat/moderationaction/").content.decode()
+    assert "delete message" in page and "admin" in page
+    assert admin_client.get(f"/admin/chat/moderationaction/{record.pk}/delete/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_admin_refuses_an_invalid_room_name(admin_client):
+    response = admin_client.post(f"{ROOMS}add/", {"slug": "Upper"})
+    assert response.status_code == 200 and "lower-case" in response.content.decode()
+    assert not Room.objects.filter(slug="Upper").exists()
+
+
+# ---------------------------------------------------------------------------
+# Live effect on open sockets (both channel layers)
+# ---------------------------------------------------------------------------
+
+live = pytest.mark.django_db(transaction=True)
+
+
+async def admin_post(admin_client, url: str, data: dict):
+    return await db(admin_client.post, url, data)
+
+
+@live
+async def test_deleting_a_message_removes_it_from_every_open_page(
+    connect, admin_client, alice, bob, room
+):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+    first = await post(a, "spam")
+    await b.receive()
+    kept = await post(a, "fine")
+    await b.receive()
+
+    await admin_post(admin_client, MESSAGES, {
+        "action": "delete_selected", "_selected_action": [first["id"]], "post": "yes"
+    })
+    for client in (a, b):
+        assert_event(await client.receive(), "deleted", id=first["id"], seq=first["seq"])
+    _, welcome = await connect(bob)
+    assert [m["id"] for m in welcome["messages"]] == [kept["id"]]
+    assert await db(kinds) == ["delete_message"]
+
+
+@live
+async def test_single_delete_view_is_a_soft_delete_seen_live(connect, admin_client, alice, room):
+    a, _ = await connect(alice)
+    sent = await post(a, "oops")
+    await admin_post(admin_client, f"{MESSAGES}{sent['id']}/delete/", {"post": "yes"})
+    assert_event(await a.receive(), "deleted", id=sent["id"])
+    stored = await db(Message.objects.get, pk=sent["id"])
+    assert stored.body == "oops" and stored.deleted_at is not None
+
+
+@live
+async def test_closing_a_room_makes_it_read_only_until_reopened(
+    connect, admin_client, alice, room
+):
+    a, _ = await connect(alice)
+    await admin_post(admin_client, ROOMS, {"action": "close_rooms", "_selected_action": [room.pk]})
+    assert_event(await a.receive(), "room", closed=True)
+    await a.send({"type": "message", "message": "anyone?", "client_id": "c1"})
+    error = await a.receive_type("error")
+    assert (error["code"], error["ref"]) == (protocol.ERROR_ROOM_CLOSED, "c1")
+    _, welcome = await connect(alice)
+    assert welcome["closed"] is True
+
+    await admin_post(admin_client, ROOMS, {"action": "reopen_rooms", "_selected_action": [room.pk]})
+    assert_event(await a.receive(), "room", closed=False)
+    assert_event(await post(a, "back"), "message", seq=1)
+    assert await db(kinds) == ["close_room", "reopen_room"]
+
+
+@live
+async def test_kick_closes_the_users_sockets_in_that_room_with_4403(
+    connect, admin_client, alice, bob, room
+):
+    await db(Room.objects.create, slug="other")
+    a, _ = await connect(alice)
+    b1, _ = await connect(bob)
+    b2, _ = await connect(bob)
+    elsewhere, _ = await connect(bob, room="other")
+    await a.receive_type("join")
+    sockets = await db(lambda: list(Connection.objects.filter(user=bob, room=room)))
+
+    await admin_post(admin_client, SOCKETS, {
+        "action": "kick_users", "_selected_action": [c.pk for c in sockets]
+    })
+    assert await b1.receive_close() == protocol.CLOSE_FORBIDDEN
+    assert await b2.receive_close() == protocol.CLOSE_FORBIDDEN
+    assert await elsewhere.receive_nothing(), "a kick is for one room"
+    await b1.close()
+    await b2.close()
+    assert_event(await a.receive(), "leave", user="bob")
+    assert await db(kinds) == ["kick"]
+    _, welcome = await connect(bob)  # a kick is not a ban
+    assert welcome["type"] == "welcome"
+
+
+@live
+async def test_ban_kicks_now_and_refuses_reconnects_until_lifted(
+    connect, admin_client, admin_user, bob, room
+):
+    b, _ = await connect(bob)
+    response = await admin_post(admin_client, f"{BANS}add/", {
+        "room": room.pk, "user": bob.pk, "reason": "flooding", "expires_at_0": "",
+        "expires_at_1": "",
+    })
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert await b.receive_close() == protocol.CLOSE_FORBIDDEN
+
+    refused = await connect(bob, welcome=False)
+    assert await refused.receive_close() == protocol.CLOSE_FORBIDDEN
+    ban = await db(RoomBan.objects.get)
+    assert (ban.reason, ban.created_by_id) == ("flooding", admin_user.pk)
+
+    await admin_post(admin_client, f"{BANS}{ban.pk}/delete/", {"post": "yes"})
+    _, welcome = await connect(bob)
+    assert welcome["user"] == "bob"
+    assert await db(kinds) == ["ban", "unban"]
+
+
+@live
+async def test_an_expired_ban_lets_the_user_back(connect, admin_user, bob, room):
+    from chat import moderation
+
+    await db(
+        moderation.user_ban,
+        room=room,
+        user=bob,
+        actor=admin_user,
+        reason="cool down",
+        expires_at=timezone.now() - timedelta(seconds=1),
+    )
+    _, welcome = await connect(bob)
+    assert welcome["user"] == "bob"
