@@ -1,0 +1,37 @@
+"""A worker killed with SIGKILL: its users leave once its lease runs out."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import assert_event
+from tests.integration.conftest import new_account
+
+pytestmark = pytest.mark.integration
+
+LEASE_SECONDS = 2
+
+
+async def test_killed_workers_users_leave_within_twice_the_lease(
+    daphne_factory, ws_connect
+):
+    """No disconnect handler runs after kill -9: the lease sweep must heal it."""
+    redis_url = daphne_factory.new_redis_url()
+    env = {"CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS)}
+    one = daphne_factory(env, redis_url=redis_url)
+    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
+    alice = new_account(one.base_url, "alice")
+    bob = new_account(two.base_url, "bob")
+
+    alice_ws, _ = await ws_connect(one, "general", sessionid=alice.sessionid, welcome=True)
+    await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
+    assert_event(await alice_ws.receive(), "join", user=bob.username)
+
+    two.process.kill()
+    two.process.wait()
+
+    # Twice the lease plus the sweep interval, with room for a loaded machine.
+    leave = await alice_ws.receive(timeout=LEASE_SECONDS * 2 + 6)
+    assert_event(leave, "leave", user=bob.username, members=1)
+    _, welcome = await ws_connect(one, "general", sessionid=alice.sessionid, welcome=True)
+    assert welcome["members"] == [alice.username]
