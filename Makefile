@@ -7,7 +7,7 @@ PORT ?= 8000
 # apt-get needs root; use sudo when we are not.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Debian packages the tests start for real: command to look for, package name.
-SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql
+SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql chromium:chromium
 
 .PHONY: venv run test test-postgres system-packages clean
 
@@ -22,9 +22,9 @@ $(VENV)/.installed: requirements.txt
 ## run: serve the chat at http://$(HOST):$(PORT)/ with daphne (SQLite + in-memory layer)
 run: venv
 	$(PY) manage.py migrate --noinput
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) chatproject.asgi:application
+	$(PY) -m chatproject.server -b $(HOST) -p $(PORT) chatproject.asgi:application
 
-## system-packages: install the servers the tests start (redis-server, PostgreSQL)
+## system-packages: install what the tests start (redis-server, PostgreSQL, Chromium)
 system-packages:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do \
@@ -45,7 +45,8 @@ test: venv system-packages
 
 test-postgres: venv system-packages
 	bin/with-postgres $(PY) -m pytest -p no:cacheprovider \
-	  tests/test_consumers.py tests/test_services.py tests/test_presence.py
+	  tests/test_consumers.py tests/test_services.py tests/test_presence.py \
+	  tests/test_api.py
 
 clean:
 	rm -rf $(VENV) staticfiles db.sqlite3

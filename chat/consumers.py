@@ -10,11 +10,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import moderation, presence, protocol, services
+from chat import metrics, moderation, presence, protocol, services, worker
 from chat.broadcast import broadcast_room_async
 from chat.limits import Throttle, TokenBucket
 from chat.models import Room
-from chat.worker import ensure_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # Connection lifecycle
     # ------------------------------------------------------------------
 
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except worker.LAYER_ERRORS:
+            # The channel layer's receive loop lost Redis: without this the
+            # socket would end with a bare 1011, or hang on a dead group.
+            logger.warning("closing a socket: the channel layer connection dropped")
+            await self.close_unavailable()
+
+    async def close_unavailable(self) -> None:
+        """Sends `unavailable`, closes with 1013 and forgets the socket's presence."""
+        try:
+            await self.send_error(protocol.unavailable_error())
+            await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
+        except Exception:
+            logger.debug("the socket was already gone", exc_info=True)
+        self.groups_joined = ()
+        await self.disconnect(protocol.CLOSE_TRY_AGAIN_LATER)
+
     async def connect(self) -> None:
         """Called on the handshake: check who and where, join, send `welcome`."""
         # Accept first: a close before accept is an HTTP 403 and the client
@@ -48,6 +66,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
             return
+        try:
+            await self.open_session(user)
+        except worker.LAYER_ERRORS:
+            # Redis is unreachable: say so and let the client retry later,
+            # rather than leaving it on a socket that receives nothing.
+            logger.warning("refusing a socket: the channel layer is unreachable")
+            await self.close_unavailable()
+
+    async def open_session(self, user) -> None:
         slug = self.scope["url_route"]["kwargs"]["room"]
         self.room = await database_sync_to_async(services.room_get)(slug=slug)
         if self.room is None:
@@ -89,7 +116,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_TOO_MANY_CONNECTIONS)
             return
         self.registered = True
-        ensure_heartbeat()
+        worker.socket_opened(self)
+        metrics.OPEN_SOCKETS.inc()
         welcome = await database_sync_to_async(services.room_welcome)(
             room=self.room,
             user=user,
@@ -101,9 +129,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: leave the group and the presence store."""
-        await self.leave_groups()
-        if self.registered:
-            self.registered = False
+        try:
+            await self.leave_groups()
+        except worker.LAYER_ERRORS:
+            logger.warning("could not leave groups: the channel layer is unreachable")
+        if not self.registered:
+            return
+        self.registered = False
+        worker.socket_closed(self)
+        metrics.OPEN_SOCKETS.dec()
+        # While the worker drains, the user is reconnecting elsewhere: keep the
+        # row, so no leave/join pair flickers; the lease sweep settles it.
+        if not worker.is_draining():
             await database_sync_to_async(presence.connection_close)(
                 channel_name=self.channel_name
             )
@@ -140,6 +177,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_history(command)
         except protocol.ProtocolError as error:
             await self.send_error(error)
+        except worker.LAYER_ERRORS:
+            # What was stored stays stored; the client reconnects later,
+            # resumes with ?since and resends with the same client_id.
+            logger.warning("closing a socket: the channel layer is unreachable")
+            await self.close_unavailable()
 
     async def post_message(self, command: protocol.PostMessage) -> None:
         if not self.post_rate.allow():
@@ -151,7 +193,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         message, created = await database_sync_to_async(services.message_post)(
             room=self.room, user=self.user, text=command.text, client_id=command.client_id
         )
-        if not created:
+        if created:
+            metrics.MESSAGES_RECEIVED.inc()
+        else:
             # A retried send: the original went to the room already, so only
             # the sender gets it again, as its acknowledgement.
             await self.send_event(
@@ -187,14 +231,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_event(self, event: dict) -> None:
         await self.send(text_data=protocol.encode(event))
+        metrics.FRAMES_SENT.inc()
 
     async def send_error(self, error: protocol.ProtocolError) -> None:
+        metrics.error_sent(error.code)
         await self.send_event(protocol.event_error(error.code, error.detail, error.ref))
 
     async def chat_event(self, message: dict) -> None:
         """Called for each room broadcast: the text is ready, send it as it is."""
         if message.get("exclude") != self.channel_name:
             await self.send(text_data=message["text"])
+            metrics.FRAMES_SENT.inc()
 
     async def chat_kick(self, message: dict) -> None:
         """Called when a moderator kicks or bans this socket's user from a room."""

@@ -1,7 +1,9 @@
 """Moderation: delete a message, close or reopen a room, kick, ban and unban.
 
 Each operation is recorded as a ModerationAction and takes effect on every
-worker at once through the channel layer, after its transaction commits.
+worker at once through the channel layer, after its transaction commits. The
+live part is best effort: while Redis is away the stored state (deleted,
+closed, banned) still holds for every page that reconnects.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def message_delete(*, message: Message, actor: AbstractBaseUser | None) -> bool:
         )
         slug = locked.room.slug
         event = protocol.event_deleted(id=locked.pk, seq=locked.seq)
-        transaction.on_commit(lambda: broadcast_room(slug, event))
+        transaction.on_commit(lambda: broadcast_room(slug, event), robust=True)
     logger.info("message %s deleted by %s", message.pk, actor)
     return True
 
@@ -101,7 +103,7 @@ def room_set_closed(
         kind = ModerationAction.Kind.CLOSE_ROOM if closed else ModerationAction.Kind.REOPEN_ROOM
         _record(kind, actor=actor, room=locked)
         event = protocol.event_room_state(closed=closed)
-        transaction.on_commit(lambda: broadcast_room(locked.slug, event))
+        transaction.on_commit(lambda: broadcast_room(locked.slug, event), robust=True)
     room.is_closed = closed
     logger.info("room %s %s by %s", room.slug, "closed" if closed else "reopened", actor)
     return True
@@ -128,7 +130,7 @@ def user_kick(
             target_user=user,
             detail=reason,
         )
-        transaction.on_commit(lambda: kick_user(user.pk, room.slug))
+        transaction.on_commit(lambda: kick_user(user.pk, room.slug), robust=True)
     logger.info("user %s kicked from %s by %s", user.pk, room.slug, actor)
 
 
@@ -170,7 +172,7 @@ def user_ban(
             target_user=user,
             detail=f"{reason}{until}".strip(),
         )
-        transaction.on_commit(lambda: kick_user(user.pk, room.slug))
+        transaction.on_commit(lambda: kick_user(user.pk, room.slug), robust=True)
     logger.info("user %s banned from %s by %s", user.pk, room.slug, actor)
     return ban
 

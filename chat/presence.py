@@ -154,8 +154,11 @@ def connection_open(
             event = protocol.event_join(
                 user=user.get_username(), members=_member_count(locked)
             )
+            # robust: presence is best effort while Redis is down; the socket
+            # itself is refused by the consumer in that case.
             transaction.on_commit(
-                lambda: broadcast_room(locked.slug, event, exclude_channel=channel_name)
+                lambda: broadcast_room(locked.slug, event, exclude_channel=channel_name),
+                robust=True,
             )
     return first
 
@@ -180,5 +183,7 @@ def connection_close(*, channel_name: str) -> bool:
             event = protocol.event_leave(
                 user=connection.user.get_username(), members=_member_count(locked)
             )
-            transaction.on_commit(lambda: broadcast_room(locked.slug, event))
+            transaction.on_commit(
+                lambda: broadcast_room(locked.slug, event), robust=True
+            )
     return last

@@ -48,6 +48,10 @@ CLOSE_NOT_SIGNED_IN = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NO_SUCH_ROOM = 4404
 CLOSE_TOO_MANY_CONNECTIONS = 4429
+# Server-side codes of RFC 6455 (sent through chatproject.server).
+CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012
+CLOSE_TRY_AGAIN_LATER = 1013
 
 ERROR_BAD_JSON = "bad_json"
 ERROR_NOT_AN_OBJECT = "not_an_object"
@@ -63,6 +67,7 @@ ERROR_INVALID_FIELD = "invalid_field"
 ERROR_INVALID_SINCE = "invalid_since"
 ERROR_RATE_LIMITED = "rate_limited"
 ERROR_ROOM_CLOSED = "room_closed"
+ERROR_UNAVAILABLE = "unavailable"
 
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -114,6 +119,16 @@ class Limits:
     max_message_length: int
     history_page: int
     history_max: int
+
+
+def unavailable_error(ref: str | None = None) -> ProtocolError:
+    """Returns the error sent before closing with 1013 while Redis is down."""
+    return ProtocolError(
+        ERROR_UNAVAILABLE,
+        "the chat is briefly unavailable; reconnect in a moment (anything "
+        "already sent is kept: resend it with the same client_id)",
+        ref,
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -195,6 +210,18 @@ def _clean_history(frame: dict[str, Any], limits: Limits) -> HistoryRequest:
     return HistoryRequest(before=before, limit=limit)
 
 
+def parse_post(fields: dict[str, Any], limits: Limits) -> PostMessage:
+    """Returns the post in a `message` frame or an API body, or raises ProtocolError.
+
+    One rule for the socket and the HTTP API: same text and client_id limits.
+    """
+    client_id = _clean_client_id(fields.get("client_id"))
+    return PostMessage(
+        text=_clean_text(fields.get("message"), limits, client_id),
+        client_id=client_id,
+    )
+
+
 def parse_client_frame(
     text: str | None, binary: bytes | None, limits: Limits
 ) -> ClientCommand:
@@ -222,11 +249,7 @@ def parse_client_frame(
     if kind is None and "message" in frame:
         kind = "message"
     if kind == "message":
-        client_id = _clean_client_id(frame.get("client_id"))
-        return PostMessage(
-            text=_clean_text(frame.get("message"), limits, client_id),
-            client_id=client_id,
-        )
+        return parse_post(frame, limits)
     if kind == "typing":
         return Typing()
     if kind == "history":

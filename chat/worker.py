@@ -1,22 +1,153 @@
-"""The worker process's background duty: renew its lease and sweep dead workers."""
+"""What a worker process does besides serving sockets: renew its presence lease,
+sweep dead workers, notice a Redis restart, and drain on shutdown.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from typing import Any, Protocol
 
+import redis
+import redis.asyncio
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat import presence
+from chat.protocol import CLOSE_SERVICE_RESTART
 
 logger = logging.getLogger(__name__)
 
+# What a channel-layer call raises while Redis cannot be reached.
+LAYER_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.RedisError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class Closable(Protocol):
+    async def close(self, code: int | None = None) -> None: ...
+
+
+_sockets: weakref.WeakSet = weakref.WeakSet()
 _heartbeat_task: asyncio.Task | None = None
+_draining = False
+
+
+# ---------------------------------------------------------------------------
+# Sockets of this process
+# ---------------------------------------------------------------------------
+
+
+def socket_opened(consumer: Closable) -> None:
+    """Registers a consumer so that the worker can close it (Redis restart)."""
+    _sockets.add(consumer)
+    ensure_heartbeat()
+
+
+def socket_closed(consumer: Closable) -> None:
+    _sockets.discard(consumer)
+
+
+def open_socket_count() -> int:
+    return len(_sockets)
+
+
+async def close_all_sockets(code: int) -> int:
+    """Closes every socket of this process with `code`; returns how many."""
+    consumers = list(_sockets)
+    for consumer in consumers:
+        try:
+            await consumer.close(code=code)
+        except Exception:
+            logger.exception("could not close a socket")
+    return len(consumers)
+
+
+# ---------------------------------------------------------------------------
+# Drain (graceful shutdown)
+# ---------------------------------------------------------------------------
+
+
+def begin_drain() -> None:
+    """Marks the process as shutting down (see chatproject.server)."""
+    global _draining
+    _draining = True
+
+
+def is_draining() -> bool:
+    """True while shutting down: closing sockets then keep their presence rows."""
+    return _draining
+
+
+# ---------------------------------------------------------------------------
+# Channel layer health
+# ---------------------------------------------------------------------------
+
+
+def redis_urls() -> list[str]:
+    """Returns the Redis servers of the channel layer (empty for in-memory)."""
+    config = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {})
+    return [
+        host["address"]
+        for host in config.get("hosts", [])
+        if isinstance(host, dict) and "address" in host
+    ]
+
+
+async def redis_run_ids(timeout: float = 2.0) -> tuple[str, ...] | None:
+    """Returns the run_id of every layer Redis (it changes when one restarts).
+
+    None when one of them does not answer; () for the in-memory layer.
+    """
+    run_ids = []
+    for url in redis_urls():
+        client = redis.asyncio.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        try:
+            info: dict[str, Any] = await client.info("server")
+            run_ids.append(str(info.get("run_id", "")))
+        except LAYER_ERRORS:
+            return None
+        finally:
+            await client.aclose()
+    return tuple(run_ids)
+
+
+class LayerWatch:
+    """Notices a Redis restart: the group memberships of this worker are gone.
+
+    A restarted Redis has forgotten every group, so this worker's sockets would
+    silently receive nothing (daphne#147); closing them with 1012 makes the
+    clients reconnect, join their groups again and resume with ?since.
+    """
+
+    def __init__(self) -> None:
+        self.known: tuple[str, ...] | None = None
+
+    async def check(self) -> bool:
+        """Returns True (after closing the sockets) when a restart was seen."""
+        current = await redis_run_ids()
+        if current is None:
+            return False
+        restarted = self.known is not None and current != self.known
+        self.known = current
+        if restarted:
+            closed = await close_all_sockets(CLOSE_SERVICE_RESTART)
+            logger.warning("channel layer Redis restarted: closed %d socket(s) with 1012", closed)
+        return restarted
+
+
+# ---------------------------------------------------------------------------
+# The background loop
+# ---------------------------------------------------------------------------
 
 
 def ensure_heartbeat() -> None:
-    """Starts the lease loop on the running event loop unless it already runs there.
+    """Starts the worker loop on the running event loop unless it already runs there.
 
     Called on every connect: the loop starts with the first socket a process
     serves (and again under a new event loop, as in tests).
@@ -25,16 +156,22 @@ def ensure_heartbeat() -> None:
     loop = asyncio.get_running_loop()
     task = _heartbeat_task
     if task is None or task.done() or task.get_loop() is not loop:
-        _heartbeat_task = loop.create_task(_heartbeat_loop(), name="chat-worker-lease")
+        _heartbeat_task = loop.create_task(_worker_loop(), name="chat-worker-lease")
 
 
-async def _heartbeat_loop() -> None:
+async def _worker_loop() -> None:
+    watch = LayerWatch()
     while True:
         try:
-            await database_sync_to_async(presence.worker_heartbeat)()
+            if not is_draining():
+                await database_sync_to_async(presence.worker_heartbeat)()
             await database_sync_to_async(presence.workers_sweep)()
         except Exception:
-            # A database or Redis outage must not end the loop: the lease is
-            # renewed again once they answer.
+            # A database outage must not end the loop: the lease is renewed
+            # again once it answers.
             logger.exception("worker lease renewal failed")
+        try:
+            await watch.check()
+        except Exception:
+            logger.exception("channel layer check failed")
         await asyncio.sleep(settings.CHAT_WORKER_LEASE_SECONDS / 3)

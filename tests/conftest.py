@@ -38,11 +38,13 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (make test installs it)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = tempfile.mkdtemp(prefix="chat-redis-")
+        self.workdir = ""
         self.process: subprocess.Popen | None = None
         self.binary = binary
 
     def start(self) -> None:
+        """Starts the server (again, on the same port, after stop())."""
+        self.workdir = tempfile.mkdtemp(prefix="chat-redis-")
         self.process = subprocess.Popen(
             [
                 self.binary,

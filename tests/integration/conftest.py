@@ -36,7 +36,8 @@ from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The daphne next to the interpreter running the tests: the project's venv.
-DAPHNE = Path(sys.executable).parent / "daphne"
+# The worker launcher: daphne plus the drain on SIGTERM and server close codes.
+WORKER_COMMAND = [sys.executable, "-m", "chatproject.server"]
 
 STARTUP_TIMEOUT = 20
 STOP_TIMEOUT = 10
@@ -72,12 +73,14 @@ class DaphneServer:
         *,
         db_path: Path | str | None = None,
         migrate: bool | None = None,
+        port: int | None = None,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="chat-daphne-"))
         self.db_path = Path(db_path) if db_path else self.workdir / "db.sqlite3"
         # A database someone else made is already migrated, unless told otherwise.
         self.migrate = db_path is None if migrate is None else migrate
-        self.port = free_port()
+        # A given port: a restart, where clients must find the server again.
+        self.port = port or free_port()
         self.log_path = self.workdir / "daphne.log"
         self.process: subprocess.Popen | None = None
         self.env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
@@ -127,7 +130,7 @@ class DaphneServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
-                    str(DAPHNE),
+                    *WORKER_COMMAND,
                     "-b",
                     "127.0.0.1",
                     "-p",

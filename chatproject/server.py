@@ -1,0 +1,120 @@
+"""The worker process: daphne, plus a graceful drain on SIGTERM and the close codes
+a server needs. Run it exactly like daphne:
+
+    python -m chatproject.server -b 127.0.0.1 -p 8001 chatproject.asgi:application
+
+* daphne's WebSocket library (autobahn) lets an application close only with 1000
+  or 3000-4999, but RFC 6455 reserves 1001 (going away), 1011, 1012 (restart)
+  and 1013 (try again later) for exactly what a server has to say; this sends
+  those as they are.
+* On SIGTERM daphne stops the reactor and cancels every consumer, so sockets
+  drop without a close frame and no disconnect handler runs. Here SIGTERM stops
+  accepting connections, closes each socket with 1001 so the client reconnects
+  to another worker at once, waits for them (at most CHAT_DRAIN_SECONDS), then
+  stops. A second SIGTERM or SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import reactor
+
+logger = logging.getLogger("chatproject.server")
+
+GOING_AWAY = 1001
+# Codes a server may send that autobahn's sendClose refuses.
+SERVER_CLOSE_CODES = frozenset({1001, 1008, 1009, 1011, 1012, 1013})
+
+
+def _server_close(self: WebSocketProtocol, code: int | None = None) -> None:
+    """daphne's serverClose, letting the server-side codes above through."""
+    code = 1000 if code is None else code
+    if code in SERVER_CLOSE_CODES:
+        self.sendCloseFrame(code=code, isReply=False)
+    else:
+        self.sendClose(code=code)
+
+
+WebSocketProtocol.serverClose = _server_close
+
+
+def drain_seconds() -> float:
+    return float(os.environ.get("CHAT_DRAIN_SECONDS") or 10)
+
+
+class DrainingServer(Server):
+    """daphne's Server with a drain step in front of its shutdown."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["signal_handlers"] = False
+        super().__init__(*args, **kwargs)
+        self.ports: list = []
+        self.draining = False
+
+    def listen_success(self, port) -> None:
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        super().run()
+
+    def _on_signal(self, signum, frame) -> None:
+        reactor.callFromThread(self.drain if not self.draining else self.stop)
+
+    def open_websockets(self) -> list[WebSocketProtocol]:
+        return [
+            protocol
+            for protocol, details in self.connections.items()
+            if isinstance(protocol, WebSocketProtocol) and "disconnected" not in details
+        ]
+
+    def drain(self) -> None:
+        """Stops listening, closes every socket with 1001, stops once they are gone."""
+        from chat.worker import begin_drain
+
+        self.draining = True
+        # Sockets closed from here on keep their presence rows: their users are
+        # reconnecting elsewhere, and the lease sweep settles who really left.
+        begin_drain()
+        for port in self.ports:
+            port.stopListening()
+        sockets = self.open_websockets()
+        logger.info("draining: closing %d socket(s) with %d", len(sockets), GOING_AWAY)
+        for protocol in sockets:
+            if protocol.state == protocol.STATE_OPEN:
+                protocol.sendCloseFrame(
+                    code=GOING_AWAY, reasonUtf8=b"server going away", isReply=False
+                )
+        self._stop_when_drained(time.monotonic() + drain_seconds())
+
+    def _stop_when_drained(self, deadline: float) -> None:
+        left = self.open_websockets()
+        if not left or time.monotonic() >= deadline:
+            if left:
+                logger.warning("drain timed out with %d socket(s) open", len(left))
+            self.stop()
+            return
+        reactor.callLater(0.1, self._stop_when_drained, deadline)
+
+
+class WorkerCommandLine(CommandLineInterface):
+    server_class = DrainingServer
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+    WorkerCommandLine().run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Redis going away and coming back: a clear close, never a hang, nothing lost."""
+
+from __future__ import annotations
+
+import pytest
+from channels.layers import get_channel_layer
+
+from chat import protocol, worker
+from chat.models import Connection, Message
+from tests.conftest import RedisServer, assert_event, db, post, redis_layer_config
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+async def private_redis(settings, channel_layer):
+    """A redis-server of this test alone, so it can be stopped and restarted.
+
+    The channel layer points at it for the test, and back afterwards.
+    """
+    server = RedisServer()
+    server.start()
+    previous = settings.CHANNEL_LAYERS
+    settings.CHANNEL_LAYERS = {"default": redis_layer_config(server.url)}
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        layer = get_channel_layer()
+        await layer.flush()
+        await layer.close_pools()
+    settings.CHANNEL_LAYERS = previous
+    server.stop()
+
+
+async def assert_unavailable_close(client) -> None:
+    frame = await client.receive_type("error", timeout=10)
+    assert frame["code"] == protocol.ERROR_UNAVAILABLE
+    assert await client.receive_close(timeout=10) == protocol.CLOSE_TRY_AGAIN_LATER
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_open_socket_gets_1013_when_redis_goes_away_and_keeps_what_was_stored(
+    private_redis, connect, alice, room
+):
+    a, _ = await connect(alice)
+    await post(a, "before the outage")
+    private_redis.stop()
+    await assert_unavailable_close(a)
+    assert await db(Connection.objects.count) == 0, "the socket left presence"
+    assert await db(Message.objects.count) == 1
+    private_redis.start()
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_connect_while_redis_is_down_gets_1013_then_works_once_it_is_back(
+    private_redis, connect, alice, bob, room
+):
+    private_redis.stop()
+    refused = await connect(alice, welcome=False)
+    await assert_unavailable_close(refused)
+    assert await db(Connection.objects.count) == 0
+
+    private_redis.start()
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.receive_type("join")
+    sent = await post(b, "back again")
+    assert await a.receive() == sent
+
+
+class RecordingSocket:
+    """Stands in for a consumer: records the close code the worker sends."""
+
+    def __init__(self) -> None:
+        self.codes: list[int | None] = []
+
+    async def close(self, code: int | None = None) -> None:
+        self.codes.append(code)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_redis_restart_closes_this_workers_sockets_with_1012(private_redis):
+    watch = worker.LayerWatch()
+    socket = RecordingSocket()
+    worker._sockets.add(socket)
+    try:
+        assert await watch.check() is False, "the first look only learns the run_id"
+        assert await watch.check() is False, "same server, nothing to do"
+        private_redis.stop()
+        assert await watch.check() is False, "down is not a restart (yet)"
+        private_redis.start()
+        assert await watch.check() is True
+        assert socket.codes == [protocol.CLOSE_SERVICE_RESTART]
+    finally:
+        worker.socket_closed(socket)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_redis_run_ids_cover_every_shard(private_redis, redis_server, settings):
+    settings.CHANNEL_LAYERS = {
+        "default": redis_layer_config(f"{private_redis.url},{redis_server.url}")
+    }
+    run_ids = await worker.redis_run_ids()
+    assert run_ids is not None and len(set(run_ids)) == 2
+    private_redis.stop()
+    assert await worker.redis_run_ids() is None
+    private_redis.start()
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_publish_while_redis_is_down_is_stored_and_reaches_a_resuming_page(
+    private_redis, connect, alice, room
+):
+    """The store is the truth: the live broadcast is best effort."""
+    from django.test import Client as HttpClient
+
+    from chat import tokens
+
+    _, raw = await db(tokens.api_token_create, owner=alice, name="ci", can_publish=True)
+    private_redis.stop()
+    response = await db(
+        HttpClient().post,
+        "/api/rooms/lobby/messages/",
+        {"message": "built while Redis was away"},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {raw}"},
+    )
+    assert response.status_code == 201, response.content
+    private_redis.start()
+    _, welcome = await connect(alice, query="since=0")
+    assert [m["message"] for m in welcome["messages"]] == ["built while Redis was away"]
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_push_while_redis_is_down_is_a_503_with_retry_after(
+    private_redis, alice, bob
+):
+    from django.test import Client as HttpClient
+
+    from chat import tokens
+
+    _, raw = await db(tokens.api_token_create, owner=alice, name="ci", can_push=True)
+    private_redis.stop()
+    response = await db(
+        HttpClient().post,
+        "/api/users/bob/push/",
+        {"event": "ping"},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {raw}"},
+    )
+    assert response.status_code == 503
+    assert (response.json()["error"], response["Retry-After"]) == ("unavailable", "5")
+    private_redis.start()
