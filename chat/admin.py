@@ -17,8 +17,16 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from chat import moderation, presence, protocol
-from chat.models import Connection, Message, ModerationAction, Room, RoomBan, Worker
+from chat import moderation, presence, protocol, tokens
+from chat.models import (
+    ApiToken,
+    Connection,
+    Message,
+    ModerationAction,
+    Room,
+    RoomBan,
+    Worker,
+)
 
 RECENT_MESSAGES = 20
 
@@ -486,3 +494,55 @@ class WorkerAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+# ---------------------------------------------------------------------------
+# API tokens
+# ---------------------------------------------------------------------------
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens of the HTTP API; the raw token is shown once, right after adding."""
+
+    list_display = [
+        "name",
+        "prefix",
+        "owner",
+        "can_publish",
+        "can_push",
+        "room",
+        "created_at",
+        "last_used_at",
+        "active",
+    ]
+    list_filter = [
+        "can_publish",
+        "can_push",
+        ("revoked_at", admin.EmptyFieldListFilter),
+    ]
+    search_fields = ["name", "prefix", "owner__username"]
+    list_select_related = ["owner", "room"]
+    raw_id_fields = ["owner"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke_tokens"]
+
+    @admin.display(boolean=True, description="active")
+    def active(self, token: ApiToken) -> bool:
+        return token.revoked_at is None
+
+    def save_model(self, request, obj: ApiToken, form, change: bool) -> None:
+        raw = None if change else tokens.api_token_set_secret(obj)
+        super().save_model(request, obj, form, change)
+        if raw is not None:
+            # Only the hash is stored: this message is the one chance to copy it.
+            messages.warning(
+                request,
+                f"The token {obj.name!r} is {raw} (copy it now: it is not stored "
+                "and cannot be shown again).",
+            )
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request, queryset) -> None:
+        revoked = sum(tokens.api_token_revoke(token=token) for token in queryset)
+        self.message_user(request, f"{revoked} token(s) revoked.")

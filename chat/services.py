@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, F, Q
@@ -17,7 +18,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from chat import presence, protocol
-from chat.broadcast import broadcast_room
+from chat.broadcast import broadcast_room, push_user
 from chat.models import Message, Room
 
 
@@ -129,7 +130,10 @@ def message_post(
             client_id=client_id,
         )
         event = message_event(message, room_slug=locked.slug)
-        transaction.on_commit(lambda: broadcast_room(locked.slug, event))
+        # robust: the stored message is the truth and the live broadcast is
+        # best effort (at most once by design); pages that miss it while
+        # Redis is away fetch it with ?since or history.
+        transaction.on_commit(lambda: broadcast_room(locked.slug, event), robust=True)
     return message, True
 
 
@@ -198,3 +202,42 @@ def room_welcome(
         closed=room.is_closed,
     )
 
+
+# ---------------------------------------------------------------------------
+# HTTP API: polling and pushes
+# ---------------------------------------------------------------------------
+
+
+def room_messages_after(
+    *, room: Room, since: int, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """Returns up to `limit` messages with seq above `since`, oldest first.
+
+    Also returns whether more follow them: a poller then asks again at once
+    with the last seq it got.
+    """
+    messages = list(
+        Message.objects.filter(room=room, seq__gt=since, deleted_at__isnull=True)
+        .order_by("seq")[: limit + 1]
+    )
+    return _page(room, messages[:limit]), len(messages) > limit
+
+
+def user_get(*, username: str) -> AbstractBaseUser | None:
+    """Returns the active user named `username`, or None."""
+    User = get_user_model()
+    return User._default_manager.filter(
+        **{User.USERNAME_FIELD: username, "is_active": True}
+    ).first()
+
+
+def user_push(*, user: AbstractBaseUser, event: str, data: Any) -> int:
+    """Sends a `push` event to every open socket of `user`; returns how many.
+
+    The count comes from the presence store; the event goes to the user's
+    group on every worker even when it is 0, since a socket opening right now
+    has joined the group before its row is written.
+    """
+    sockets = presence.user_socket_count(user=user)
+    push_user(user.pk, protocol.event_push(event=event, data=data))
+    return sockets

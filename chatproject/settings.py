@@ -69,6 +69,24 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
     }
 
 
+def caches_from_env(redis_url: str | None) -> dict:
+    """Returns CACHES: per-process LocMem without Redis, the first Redis with it."""
+    urls = [part.strip() for part in (redis_url or "").split(",") if part.strip()]
+    if not urls:
+        return {
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        }
+    return {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": urls[0],
+            "KEY_PREFIX": "chat",
+            # A rate-limit check must not hang a request while Redis is away.
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
+
+
 # ---------------------------------------------------------------------------
 # Core
 # ---------------------------------------------------------------------------
@@ -160,6 +178,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 CHANNEL_LAYERS = channel_layers_from_env(os.environ.get("REDIS_URL"))
 
+# The HTTP API's per-token rate counters live in the cache. LocMem is per
+# process, right for one worker; with Redis every worker must count together,
+# so the cache lives on the first Redis server.
+CACHES = caches_from_env(os.environ.get("REDIS_URL"))
+
 # ---------------------------------------------------------------------------
 # Auth
 # ---------------------------------------------------------------------------
@@ -210,6 +233,10 @@ CHAT_RATE_MESSAGES = env_int("CHAT_RATE_MESSAGES", 20)
 CHAT_RATE_WINDOW_SECONDS = env_int("CHAT_RATE_WINDOW_SECONDS", 10)
 CHAT_TYPING_INTERVAL_SECONDS = env_int("CHAT_TYPING_INTERVAL_SECONDS", 2)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
+# HTTP API: request body size, and requests per token per window.
+CHAT_API_MAX_BODY_BYTES = env_int("CHAT_API_MAX_BODY_BYTES", 64 * 1024)
+CHAT_API_RATE_REQUESTS = env_int("CHAT_API_RATE_REQUESTS", 60)
+CHAT_API_RATE_WINDOW_SECONDS = env_int("CHAT_API_RATE_WINDOW_SECONDS", 60)
 # A worker renews its lease every third of this; the sockets of a worker whose
 # lease ran out are swept (with `leave` events) by the live ones.
 CHAT_WORKER_LEASE_SECONDS = env_int("CHAT_WORKER_LEASE_SECONDS", 30)

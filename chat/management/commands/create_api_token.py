@@ -1,0 +1,70 @@
+"""manage.py create_api_token: issue an HTTP API token and print it, once."""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from chat import services, tokens
+
+
+class Command(BaseCommand):
+    help = (
+        "Creates an API token and prints it on stdout. Only its hash is stored: "
+        "copy it now, it cannot be shown again."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--owner", required=True, help="username of the owner")
+        parser.add_argument("--name", required=True, help="what the token is for")
+        parser.add_argument("--publish", action="store_true", help="may post to rooms")
+        parser.add_argument("--push", action="store_true", help="may push to users")
+        parser.add_argument("--room", metavar="SLUG", help="restrict it to this room")
+        parser.add_argument(
+            "--author",
+            default="",
+            metavar="NAME",
+            help="name shown on published messages (default: the owner's)",
+        )
+
+    def handle(self, *args, **options) -> None:
+        User = get_user_model()
+        owner = User._default_manager.filter(
+            **{User.USERNAME_FIELD: options["owner"]}
+        ).first()
+        if owner is None:
+            raise CommandError(f"no user named {options['owner']!r}")
+        room = None
+        if options["room"] is not None:
+            room = services.room_get(slug=options["room"])
+            if room is None:
+                raise CommandError(f"no room named {options['room']!r}")
+        try:
+            token, raw = tokens.api_token_create(
+                owner=owner,
+                name=options["name"],
+                can_publish=options["publish"],
+                can_push=options["push"],
+                room=room,
+                author_name=options["author"],
+            )
+        except ValidationError as error:
+            raise CommandError("; ".join(error.messages))
+        scopes = [
+            scope
+            for scope, allowed in (
+                ("publish", token.can_publish),
+                ("push", token.can_push),
+            )
+            if allowed
+        ]
+        # The raw token alone on stdout, so that scripts can capture it;
+        # what it is goes to stderr.
+        self.stderr.write(
+            f"Created token {token.name!r} ({token.prefix}…) for "
+            f"{owner.get_username()}: scopes {', '.join(scopes) or 'read only'}"
+            + (f", room {room.slug}" if room else "")
+            + ". Copy it now: it is not stored and cannot be shown again."
+        )
+        self.stdout.write(raw)
