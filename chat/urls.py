@@ -8,5 +8,7 @@ app_name = "chat"
 
 urlpatterns = [
     path("", views.lobby, name="lobby"),
+    # No trailing slash, so no room name can ever shadow it.
+    path("rooms.json", views.lobby_rooms, name="lobby_rooms"),
     path("<str:room>/", views.room, name="room"),
 ]

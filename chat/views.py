@@ -1,9 +1,11 @@
 """Pages: lobby, room, sign-up. Rendering only; the domain is in services."""
 
+from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
 from chat import protocol, services
@@ -39,7 +41,31 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
         return render(
             request, "chat/room_missing.html", {"name": room, "form": form}, status=404
         )
-    return render(request, "chat/room.html", {"room": found})
+    return render(
+        request,
+        "chat/room.html",
+        {"room": found, "max_length": settings.CHAT_MAX_MESSAGE_LENGTH},
+    )
+
+
+@require_http_methods(["GET"])
+def lobby_rooms(request: HttpRequest) -> JsonResponse:
+    """Returns the lobby's room list as JSON; the lobby page polls it."""
+    # A 401 rather than login_required's redirect: the caller is a script.
+    if not request.user.is_authenticated:
+        return JsonResponse({"detail": "not signed in"}, status=401)
+    rooms = [
+        {
+            "room": summary.slug,
+            "url": reverse("chat:room", kwargs={"room": summary.slug}),
+            "online": summary.online,
+            "last_activity": protocol.format_timestamp(summary.last_activity),
+        }
+        for summary in services.room_list()
+    ]
+    response = JsonResponse({"rooms": rooms})
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @require_http_methods(["GET", "POST"])

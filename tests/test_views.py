@@ -228,3 +228,37 @@ def test_room_page_with_an_invalid_name_is_a_plain_404(signed_in, path):
 
 def test_room_page_is_get_only(signed_in, room):
     assert signed_in.post("/chat/lobby/").status_code == 405
+
+
+# ---------------------------------------------------------------------------
+# The lobby's live room list (JSON)
+# ---------------------------------------------------------------------------
+
+ROOMS_JSON = "/chat/rooms.json"
+
+
+def test_room_list_json_is_for_signed_in_users_only(client):
+    response = client.get(ROOMS_JSON)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "not signed in"}
+
+
+def test_room_list_json_has_online_users_and_last_activity(signed_in, room, alice, bob):
+    for user, channel in ((alice, "a1"), (alice, "a2"), (bob, "b1")):
+        presence.connection_open(
+            room=room, user=user, channel_name=channel, max_per_user=20
+        )
+    response = signed_in.get(ROOMS_JSON)
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    rooms = {entry["room"]: entry for entry in response.json()["rooms"]}
+    lobby = rooms["lobby"]
+    assert (lobby["url"], lobby["online"]) == ("/chat/lobby/", 2)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lobby["last_activity"]
+    )
+
+
+def test_room_page_passes_the_message_limit_to_the_script(signed_in, room, settings):
+    settings.CHAT_MAX_MESSAGE_LENGTH = 123
+    assert 'data-max-length="123"' in signed_in.get("/chat/lobby/").content.decode()
