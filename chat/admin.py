@@ -40,6 +40,16 @@ def admin_link(obj, text: str | None = None) -> str:
     return format_html('<a href="{}">{}</a>', url, text or str(obj))
 
 
+class ViewOnlyMixin:
+    """For rows the chat itself writes: never added or edited in the admin."""
+
+    # False also takes deleting away (the default leaves it to permissions).
+    deletable = True
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return self.deletable and super().has_delete_permission(request, obj)
+
+
 # ---------------------------------------------------------------------------
 # Rooms
 # ---------------------------------------------------------------------------
@@ -60,7 +70,7 @@ class ActivityFilter(admin.SimpleListFilter):
         return queryset.filter(last_message_at__gte=timezone.now() - window)
 
 
-class ConnectionInline(admin.TabularInline):
+class ConnectionInline(ViewOnlyMixin, admin.TabularInline):
     """The sockets open in the room right now, on live workers."""
 
     model = Connection
@@ -76,12 +86,6 @@ class ConnectionInline(admin.TabularInline):
         return presence.live_connections().select_related("user").order_by(
             "user__username", "connected_at"
         )
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 class RoomAdminForm(forms.ModelForm):
@@ -268,7 +272,9 @@ class DeletedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ViewOnlyMixin, admin.ModelAdmin):
+    # Posted through the chat or the API, never typed in here; what was said
+    # is not rewritten. Deleting (soft) stays possible with its permission.
     list_display = [
         "created_at",
         "room_link",
@@ -293,14 +299,6 @@ class MessageAdmin(admin.ModelAdmin):
         "deleted_at",
         "deleted_by",
     ]
-
-    def has_add_permission(self, request) -> bool:
-        # Messages are posted through the chat or the API, never typed in here.
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        # Viewing is allowed; what was said is not rewritten.
-        return False
 
     def has_view_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("chat.view_message") or request.user.has_perm(
@@ -354,23 +352,15 @@ class LiveFilter(admin.SimpleListFilter):
 
 
 @admin.register(Connection)
-class ConnectionAdmin(admin.ModelAdmin):
+class ConnectionAdmin(ViewOnlyMixin, admin.ModelAdmin):
+    # Rows come from open sockets only; deleting one would not close the
+    # socket (kick instead).
+    deletable = False
     list_display = ["user", "room", "worker", "connected_at", "address"]
     list_filter = [LiveFilter, "room", "worker"]
     search_fields = ["user__username", "room__slug", "worker", "address"]
     list_select_related = ["user", "room"]
     actions = ["kick_users", "ban_users"]
-
-    def has_add_permission(self, request) -> bool:
-        # Rows come from open sockets only.
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        # Deleting a row would not close the socket: kick instead.
-        return False
 
     def has_view_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("chat.view_connection") or self.has_kick_permission(
@@ -451,7 +441,9 @@ class RoomBanAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModerationAction)
-class ModerationActionAdmin(admin.ModelAdmin):
+class ModerationActionAdmin(ViewOnlyMixin, admin.ModelAdmin):
+    # The record is append-only.
+    deletable = False
     list_display = ["created_at", "kind", "actor", "room", "target_user", "message_link", "detail"]
     list_filter = ["kind", ("created_at", admin.DateFieldListFilter), "room"]
     search_fields = ["actor__username", "target_user__username", "room__slug", "detail"]
@@ -462,19 +454,10 @@ class ModerationActionAdmin(admin.ModelAdmin):
     def message_link(self, action: ModerationAction) -> str:
         return admin_link(action.message, f"#{action.message.seq}") if action.message else "-"
 
-    # The record is append-only.
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(ViewOnlyMixin, admin.ModelAdmin):
     list_display = ["id", "started_at", "heartbeat_at", "alive", "sockets"]
     readonly_fields = ["id", "started_at", "heartbeat_at"]
 
@@ -488,12 +471,6 @@ class WorkerAdmin(admin.ModelAdmin):
     @admin.display(description="sockets")
     def sockets(self, worker: Worker) -> int:
         return Connection.objects.filter(worker=worker.id).count()
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from chat import protocol, services, tokens, worker
+from chat.limits import frame_limits
 from chat.models import ApiToken, Room
 
 logger = logging.getLogger(__name__)
@@ -261,15 +262,6 @@ def _forbidden(refused: tokens.TokenForbidden) -> ApiError:
     return ApiError(refused.code, refused.detail, headers)
 
 
-def _post_limits() -> protocol.Limits:
-    return protocol.Limits(
-        max_frame_bytes=settings.CHAT_API_MAX_BODY_BYTES,
-        max_message_length=settings.CHAT_MAX_MESSAGE_LENGTH,
-        history_page=settings.CHAT_HISTORY_PAGE,
-        history_max=settings.CHAT_HISTORY_MAX,
-    )
-
-
 # ---------------------------------------------------------------------------
 # Endpoints
 # ---------------------------------------------------------------------------
@@ -347,7 +339,9 @@ def _publish(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
     body = read_json_object(request)
     _require(body, "message")
     try:
-        post = protocol.parse_post(body, _post_limits())
+        post = protocol.parse_post(
+            body, frame_limits(max_frame_bytes=settings.CHAT_API_MAX_BODY_BYTES)
+        )
         message, created = services.message_post(
             room=room,
             user=token.owner,

@@ -12,20 +12,10 @@ from django.conf import settings
 
 from chat import metrics, moderation, presence, protocol, services, worker
 from chat.broadcast import broadcast_room_async
-from chat.limits import Throttle, TokenBucket
+from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
 
 logger = logging.getLogger(__name__)
-
-
-def frame_limits() -> protocol.Limits:
-    """Returns the frame limits from settings (read per socket, not at import)."""
-    return protocol.Limits(
-        max_frame_bytes=settings.CHAT_MAX_FRAME_BYTES,
-        max_message_length=settings.CHAT_MAX_MESSAGE_LENGTH,
-        history_page=settings.CHAT_HISTORY_PAGE,
-        history_max=settings.CHAT_HISTORY_MAX,
-    )
 
 
 class ChatConsumer(AsyncWebsocketConsumer):

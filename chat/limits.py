@@ -1,9 +1,26 @@
-"""Per-socket rate limits: plain objects with an injectable clock, testable alone."""
+"""Limits from settings, and per-socket rate limits with an injectable clock."""
 
 from __future__ import annotations
 
 import time
 from typing import Callable
+
+from django.conf import settings
+
+from chat import protocol
+
+
+def frame_limits(*, max_frame_bytes: int | None = None) -> protocol.Limits:
+    """Returns what a post or frame is checked against, from settings at call time.
+
+    The HTTP API passes its own body limit; the socket uses CHAT_MAX_FRAME_BYTES.
+    """
+    return protocol.Limits(
+        max_frame_bytes=max_frame_bytes or settings.CHAT_MAX_FRAME_BYTES,
+        max_message_length=settings.CHAT_MAX_MESSAGE_LENGTH,
+        history_page=settings.CHAT_HISTORY_PAGE,
+        history_max=settings.CHAT_HISTORY_MAX,
+    )
 
 
 class TokenBucket:

@@ -144,18 +144,35 @@ class MessagePage:
     has_more: bool
 
 
+def visible_messages(room: Room):
+    """Returns the room's messages a reader may see (not deleted by a moderator)."""
+    return Message.objects.filter(room=room, deleted_at__isnull=True)
+
+
 def _page(room: Room, messages: list[Message]) -> list[dict[str, Any]]:
     return [message_event(message, room_slug=room.slug) for message in messages]
 
 
 def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
     """Returns up to `limit` messages with seq below `before`, oldest first."""
-    queryset = Message.objects.filter(room=room, deleted_at__isnull=True)
+    queryset = visible_messages(room)
     if before is not None:
         queryset = queryset.filter(seq__lt=before)
     newest_first = list(queryset.order_by("-seq")[: limit + 1])
     has_more = len(newest_first) > limit
     return MessagePage(events=_page(room, newest_first[:limit][::-1]), has_more=has_more)
+
+
+def room_messages_after(
+    *, room: Room, since: int, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """Returns up to `limit` messages with seq above `since`, oldest first.
+
+    Also returns whether more follow them: a poller then asks again at once
+    with the last seq it got.
+    """
+    messages = list(visible_messages(room).filter(seq__gt=since).order_by("seq")[: limit + 1])
+    return _page(room, messages[:limit]), len(messages) > limit
 
 
 def room_messages_since(*, room: Room, since: int, limit: int) -> MessagePage | None:
@@ -164,19 +181,11 @@ def room_messages_since(*, room: Room, since: int, limit: int) -> MessagePage | 
     Returns None when more than `limit` are missing: the caller then sends the
     latest page instead and the client fills the gap with `history`.
     """
-    messages = list(
-        Message.objects.filter(room=room, seq__gt=since, deleted_at__isnull=True)
-        .order_by("seq")[: limit + 1]
-    )
-    if len(messages) > limit:
+    events, more_follow = room_messages_after(room=room, since=since, limit=limit)
+    if more_follow:
         return None
-    has_more = (
-        since > 0
-        and Message.objects.filter(
-            room=room, seq__lte=since, deleted_at__isnull=True
-        ).exists()
-    )
-    return MessagePage(events=_page(room, messages), has_more=has_more)
+    has_more = since > 0 and visible_messages(room).filter(seq__lte=since).exists()
+    return MessagePage(events=events, has_more=has_more)
 
 
 def room_welcome(
@@ -206,21 +215,6 @@ def room_welcome(
 # ---------------------------------------------------------------------------
 # HTTP API: polling and pushes
 # ---------------------------------------------------------------------------
-
-
-def room_messages_after(
-    *, room: Room, since: int, limit: int
-) -> tuple[list[dict[str, Any]], bool]:
-    """Returns up to `limit` messages with seq above `since`, oldest first.
-
-    Also returns whether more follow them: a poller then asks again at once
-    with the last seq it got.
-    """
-    messages = list(
-        Message.objects.filter(room=room, seq__gt=since, deleted_at__isnull=True)
-        .order_by("seq")[: limit + 1]
-    )
-    return _page(room, messages[:limit]), len(messages) > limit
 
 
 def user_get(*, username: str) -> AbstractBaseUser | None:
