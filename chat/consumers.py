@@ -70,9 +70,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.room is None:
             await self.close(code=protocol.CLOSE_NO_SUCH_ROOM)
             return
-        if await database_sync_to_async(moderation.ban_active)(room=self.room, user=user):
-            await self.close(code=protocol.CLOSE_FORBIDDEN)
-            return
 
         self.user = user
         self.limits = frame_limits()
@@ -93,6 +90,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.room_group_name(self.room.slug),
             protocol.user_group_name(user.pk),
         )
+        # The ban check comes after joining the user's group: a ban committed
+        # from here on reaches this socket as a kick.
+        if await database_sync_to_async(moderation.ban_active)(room=self.room, user=user):
+            await self.leave_groups()
+            await self.close(code=protocol.CLOSE_FORBIDDEN)
+            return
         try:
             await database_sync_to_async(presence.connection_open)(
                 room=self.room,
