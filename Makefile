@@ -1,15 +1,17 @@
-# The chat's two entry points: `make run` (no services needed) and `make test`.
+# The chat's entry points: `make run` (no services needed), `make test`, and
+# `make cluster` (nginx, several workers, Redis, PostgreSQL on loopback).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 3
 # apt-get needs root; use sudo when we are not.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Debian packages the tests start for real: command to look for, package name.
-SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql chromium:chromium
+SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql chromium:chromium nginx:nginx
 
-.PHONY: venv run test test-postgres system-packages clean
+.PHONY: venv run cluster test test-postgres system-packages clean
 
 venv: $(VENV)/.installed
 
@@ -24,13 +26,17 @@ run: venv
 	$(PY) manage.py migrate --noinput
 	$(PY) -m chatproject.server -b $(HOST) -p $(PORT) chatproject.asgi:application
 
-## system-packages: install what the tests start (redis-server, PostgreSQL, Chromium)
+## cluster: nginx on $(HOST):$(PORT) in front of $(WORKERS) workers (next ports), Redis, PostgreSQL
+cluster: venv system-packages
+	$(PY) bin/cluster --workers $(WORKERS) --host $(HOST) --port $(PORT)
+
+## system-packages: install what the tests start (redis-server, PostgreSQL, Chromium, nginx)
 system-packages:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 \
-	    || missing="$$missing $$pkg"; \
+	    || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

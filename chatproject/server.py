@@ -97,11 +97,25 @@ class DrainingServer(Server):
                 )
         self._stop_when_drained(time.monotonic() + drain_seconds())
 
+    def busy_applications(self) -> int:
+        """Returns how many application instances still run (e.g. a disconnect)."""
+        instances = [
+            details.get("application_instance") for details in self.connections.values()
+        ]
+        return sum(1 for instance in instances if instance and not instance.done())
+
     def _stop_when_drained(self, deadline: float) -> None:
         left = self.open_websockets()
-        if not left or time.monotonic() >= deadline:
-            if left:
-                logger.warning("drain timed out with %d socket(s) open", len(left))
+        # A closed socket's disconnect handler may still be writing presence and
+        # broadcasting `leave`: let it finish while the event loop still runs.
+        busy = self.busy_applications()
+        if not (left or busy) or time.monotonic() >= deadline:
+            if left or busy:
+                logger.warning(
+                    "drain timed out with %d socket(s) open, %d handler(s) running",
+                    len(left),
+                    busy,
+                )
             self.stop()
             return
         reactor.callLater(0.1, self._stop_when_drained, deadline)
@@ -114,6 +128,13 @@ class WorkerCommandLine(CommandLineInterface):
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
     WorkerCommandLine().run(sys.argv[1:])
+    # The event loop is gone, but a thread of sync code cut off by the shutdown
+    # (an on_commit broadcast, async_to_sync) waits for it forever, and a normal
+    # exit joins that thread: the worker would hang until SIGKILL.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Deployment files (nginx.conf, systemd unit, Procfile) and the local cluster."""

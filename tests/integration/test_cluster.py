@@ -1,0 +1,727 @@
+"""The chat as it is deployed: nginx (deploy/nginx.conf) in front of three workers
+on PostgreSQL and Redis, all real processes started by deploy/cluster.py.
+
+Clients are `websockets` connections through nginx that behave like the page:
+on 1001/1006/1012/1013 they reconnect through nginx with ?since=<last seq> and
+resend what the room has not echoed yet, with the same client_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from channels_redis.utils import _consistent_hash
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from deploy.cluster import Cluster, http_get
+from tests.integration.conftest import HttpSession, unique_name
+
+pytestmark = pytest.mark.integration
+
+# Short, so that a dead worker's sockets are swept within seconds.
+LEASE_SECONDS = 3
+DRAIN_SECONDS = 5
+CLUSTER_ENV = {
+    "CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS),
+    "CHAT_DRAIN_SECONDS": str(DRAIN_SECONDS),
+}
+# Generous: three workers, nginx, Redis and PostgreSQL share two cores in CI.
+TIMEOUT = 20
+# What the page reconnects on (docs/protocol.md); never on 44xx.
+RECONNECT_CODES = {1001, 1006, 1012, 1013}
+
+
+# ---------------------------------------------------------------------------
+# The cluster
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[Cluster]:
+    """One cluster for the module: the tests use fresh rooms and users."""
+    with Cluster(workers=3, env=CLUSTER_ENV) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
+    """The shared cluster, whole again: a test may have stopped a worker or Redis."""
+    for server in shared_cluster.redis:
+        if not server.alive():
+            server.start()
+    for index, worker in enumerate(shared_cluster.workers):
+        if not worker.alive():
+            shared_cluster.restart_worker(index)
+    yield shared_cluster
+    while shared_cluster.extra_workers:
+        shared_cluster.extra_workers.pop().stop()
+
+
+def log_excerpt(cluster: Cluster, limit: int = 1500) -> str:
+    return "".join(
+        f"\n--- {name} ---\n{text[-limit:]}" for name, text in cluster.logs().items()
+    )
+
+
+async def eventually(
+    check: Callable[[], bool],
+    *,
+    what: str | Callable[[], str],
+    cluster: Cluster,
+    timeout: float = TIMEOUT,
+) -> float:
+    """Waits until `check()` is true; returns the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            said = what() if callable(what) else what
+            raise AssertionError(
+                f"{said}: not within {timeout} s{log_excerpt(cluster)}"
+            )
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+SETUP_SCRIPT = """
+import json, sys
+from django.contrib.auth import get_user_model
+from django.test import Client
+from chat.models import Room
+
+spec = json.load(sys.stdin)
+for slug in spec["rooms"]:
+    Room.objects.get_or_create(slug=slug)
+sessions = {}
+for username in spec["users"]:
+    client = Client()
+    client.force_login(get_user_model().objects.create_user(username))
+    sessions[username] = client.cookies["sessionid"].value
+print(json.dumps(sessions))
+"""
+
+
+def make_users(
+    cluster: Cluster, count: int, *, rooms: Sequence[str] = ()
+) -> dict[str, str]:
+    """Creates rooms and signed-in users in one go; returns {username: sessionid}.
+
+    Sign-up through the form is tested once below; thirty of them would spend
+    most of a test on password hashing.
+    """
+    spec = {"rooms": list(rooms), "users": [unique_name("u") for _ in range(count)]}
+    result = cluster.manage("shell", "-c", SETUP_SCRIPT, input=json.dumps(spec))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def sockets_by_user(cluster: Cluster, room: str) -> dict[str, list[tuple[str, str]]]:
+    """Returns {username: [(worker id, client address), ...]} for the room's sockets."""
+    with psycopg.connect(cluster.database_url, autocommit=True) as db:
+        rows = db.execute(
+            "SELECT u.username, c.worker, c.address FROM chat_connection c"
+            " JOIN auth_user u ON u.id = c.user_id"
+            " JOIN chat_room r ON r.id = c.room_id WHERE r.slug = %s",
+            (room,),
+        ).fetchall()
+    found: dict[str, list[tuple[str, str]]] = {}
+    for username, worker, address in rows:
+        found.setdefault(username, []).append((worker, address))
+    return found
+
+
+def worker_of(cluster: Cluster, room: str) -> dict[str, str]:
+    """Returns {username: worker id} for users with one socket in the room."""
+    return {
+        user: sockets[0][0]
+        for user, sockets in sockets_by_user(cluster, room).items()
+        if len(sockets) == 1
+    }
+
+
+def worker_rows(cluster: Cluster, worker_id: str) -> int:
+    with psycopg.connect(cluster.database_url, autocommit=True) as db:
+        return db.execute(
+            "SELECT count(*) FROM chat_connection WHERE worker = %s", (worker_id,)
+        ).fetchone()[0]
+
+
+# ---------------------------------------------------------------------------
+# A client that behaves like the page
+# ---------------------------------------------------------------------------
+
+
+class RoomClient:
+    """One user's page in one room, connected through nginx.
+
+    Records every message (by seq), every other frame and every close code.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        room: str,
+        username: str,
+        sessionid: str,
+        *,
+        reconnect: bool = True,
+        headers: dict[str, str] | None = None,
+        local_addr: str | None = None,
+        via: str | None = None,
+    ) -> None:
+        self.cluster = cluster
+        # nginx, unless a worker's own address is given.
+        self.base_url = via or cluster.url
+        self.room = room
+        self.username = username
+        self.sessionid = sessionid
+        self.reconnect = reconnect
+        self.headers = headers or {}
+        self.local_addr = local_addr
+        # Seqs of live `message` frames in arrival order (welcome backlogs not).
+        self.live_seqs: list[int] = []
+        self.messages: dict[int, dict] = {}
+        self.frames: list[dict] = []
+        self.welcomes: list[dict] = []
+        self.closes: list[int] = []
+        self.refused: list[str] = []
+        self.unacked: dict[str, dict] = {}
+        self.connection: ClientConnection | None = None
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.stopped = False
+
+    @property
+    def last_seq(self) -> int:
+        return max(self.messages, default=0)
+
+    def seen(self, kind: str) -> list[str]:
+        """Returns the users of the `kind` frames (join, leave) received."""
+        return [frame["user"] for frame in self.frames if frame["type"] == kind]
+
+    def errors(self) -> list[dict]:
+        return [frame for frame in self.frames if frame["type"] == "error"]
+
+    async def start(self) -> RoomClient:
+        self.task = asyncio.create_task(self.run())
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await self.ready.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.username}: no welcome; closes {self.closes}, refused "
+                f"{self.refused[-3:]}{log_excerpt(self.cluster)}"
+            )
+        return self
+
+    async def run(self) -> None:
+        delay = 0.1
+        while not self.stopped:
+            code = await self.session()
+            if self.stopped or not self.reconnect or code not in RECONNECT_CODES:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def session(self) -> int:
+        """One socket from connect to close; returns the close code."""
+        # After the first welcome, resume: exactly what was missed, on any worker.
+        query = f"?since={self.last_seq}" if self.welcomes else ""
+        headers = {
+            "Origin": self.base_url,
+            "Cookie": f"sessionid={self.sessionid}",
+            **self.headers,
+        }
+        extra: dict[str, Any] = {}
+        if self.local_addr:
+            extra["local_addr"] = (self.local_addr, 0)
+        try:
+            self.connection = await connect(
+                "ws" + self.base_url[len("http") :] + f"/ws/chat/{self.room}/{query}",
+                additional_headers=headers,
+                proxy=None,
+                open_timeout=5,
+                **extra,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as error:
+            # nginx answers 502 while no worker takes the socket: retry, as
+            # the page does.
+            self.refused.append(repr(error))
+            return 1006
+        try:
+            while True:
+                await self.handle(json.loads(await self.connection.recv()))
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else 1006
+            self.closes.append(code)
+            return code
+        finally:
+            self.ready.clear()
+
+    async def handle(self, frame: dict) -> None:
+        if frame["type"] == "welcome":
+            self.welcomes.append(frame)
+            for message in frame["messages"]:
+                self.remember(message)
+            self.ready.set()
+            # Posts the room has not echoed: same client_id, stored once.
+            for pending in list(self.unacked.values()):
+                await self.send(pending)
+        elif frame["type"] == "message":
+            self.live_seqs.append(frame["seq"])
+            self.remember(frame)
+        else:
+            self.frames.append(frame)
+
+    def remember(self, message: dict) -> None:
+        self.messages[message["seq"]] = message
+        if message["user"] == self.username:
+            self.unacked.pop(message.get("client_id"), None)
+
+    async def send(self, frame: dict) -> None:
+        if self.connection is not None and self.ready.is_set():
+            try:
+                await self.connection.send(json.dumps(frame))
+            except ConnectionClosed:
+                pass  # sent again after the next welcome
+
+    async def post(self, text: str) -> str:
+        """Posts (now, or after the reconnect); returns the client_id."""
+        client_id = uuid.uuid4().hex
+        frame = {"type": "message", "message": text, "client_id": client_id}
+        self.unacked[client_id] = frame
+        await self.send(frame)
+        return client_id
+
+    def acked(self, client_id: str) -> bool:
+        return client_id not in self.unacked
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.connection is not None:
+            await self.connection.close()
+        if self.task is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self.task
+            except TimeoutError:
+                self.task.cancel()
+
+
+@pytest.fixture
+async def clients() -> Any:
+    """Returns open(cluster, room, users, **options) -> [RoomClient]; closes all."""
+    opened: list[RoomClient] = []
+
+    async def open_clients(
+        cluster: Cluster, room: str, users: dict[str, str], **options: Any
+    ) -> list[RoomClient]:
+        # One at a time: least_conn then deals them out evenly.
+        new = []
+        for username, sessionid in users.items():
+            client = RoomClient(cluster, room, username, sessionid, **options)
+            opened.append(client)
+            new.append(await client.start())
+        return new
+
+    yield open_clients
+    await asyncio.gather(*(client.stop() for client in opened))
+
+
+def has_all(client: RoomClient, count: int) -> bool:
+    return set(client.messages) >= set(range(1, count + 1))
+
+
+async def wait_all_have(
+    cluster: Cluster, group: Sequence[RoomClient], count: int
+) -> None:
+    await eventually(
+        lambda: all(has_all(client, count) for client in group),
+        what=lambda: f"every client got seqs 1..{count}; missing some: "
+        + str({c.username: len(c.messages) for c in group if not has_all(c, count)}),
+        cluster=cluster,
+    )
+
+
+def assert_same_messages(group: Sequence[RoomClient], count: int) -> None:
+    """Every client holds exactly seqs 1..count, with the same content for each."""
+    reference = group[0].messages
+    assert sorted(reference) == list(range(1, count + 1))
+    for client in group[1:]:
+        assert client.messages == reference, client.username
+
+
+def assert_undisturbed(group: Sequence[RoomClient]) -> None:
+    for client in group:
+        assert client.closes == [], f"{client.username} was closed: {client.closes}"
+        assert client.errors() == [], f"{client.username}: {client.errors()}"
+
+
+# ---------------------------------------------------------------------------
+# HTTP through nginx
+# ---------------------------------------------------------------------------
+
+
+def test_nginx_serves_static_files_and_workers_do_not(cluster):
+    """DEBUG is off: only nginx (from STATIC_ROOT after collectstatic) has them."""
+    status, body = http_get(f"{cluster.url}/static/chat/chat.js")
+    assert status == 200
+    assert body == (cluster.static_root / "chat" / "chat.js").read_bytes()
+    status, _ = http_get(f"{cluster.workers[0].base_url}/static/chat/chat.js")
+    assert status == 404
+
+
+def test_readyz_through_nginx_is_ready(cluster):
+    status, body = http_get(f"{cluster.url}/readyz")
+    assert status == 200, body
+    assert json.loads(body)["status"] == "ready"
+    assert json.loads(body)["worker"] in {worker.id for worker in cluster.workers}
+
+
+def test_metrics_come_from_each_worker_not_through_nginx(cluster):
+    assert http_get(f"{cluster.url}/metrics")[0] == 404
+    for worker in cluster.workers:
+        status, body = http_get(f"{worker.base_url}/metrics")
+        assert status == 200
+        assert f'chat_open_sockets{{worker="{worker.id}"}}' in body.decode()
+
+
+def test_sign_up_form_with_a_browser_origin_passes_csrf_through_nginx(cluster):
+    """Django checks a form's Origin against Host: nginx must pass the port on."""
+    session = HttpSession(cluster.url)
+    page = session.get("/accounts/signup/")
+    assert page.status == 200
+    username = unique_name("form")
+    response = session.request(
+        "/accounts/signup/",
+        data={
+            "csrfmiddlewaretoken": session.cookie("csrftoken"),
+            "username": username,
+            "password1": "a-Secret-pass-42",
+            "password2": "a-Secret-pass-42",
+        },
+        headers={"Origin": cluster.url, "Referer": f"{cluster.url}/accounts/signup/"},
+    )
+    assert response.status == 200, response.text[:2000]
+    assert session.cookie("sessionid"), response.url
+
+
+async def test_workers_see_the_client_address_nginx_saw_not_a_forged_one(
+    cluster, clients
+):
+    """nginx overwrites X-Forwarded-For and the workers run with --proxy-headers."""
+    room = unique_name("addr")
+    users = make_users(cluster, 1, rooms=[room])
+    # Any 127.x address is loopback: a source nginx sees, unlike its own 127.0.0.1.
+    await clients(
+        cluster,
+        room,
+        users,
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        local_addr="127.0.0.5",
+    )
+    [(_, address)] = sockets_by_user(cluster, room)[next(iter(users))]
+    assert address == "127.0.0.5"
+
+
+# ---------------------------------------------------------------------------
+# Fan-out across workers
+# ---------------------------------------------------------------------------
+
+
+async def test_thirty_clients_on_three_workers_each_get_every_message_once(
+    cluster, clients
+):
+    room = unique_name("fanout")
+    users = make_users(cluster, 30, rooms=[room])
+    group = await clients(cluster, room, users)
+    spread = Counter(worker_of(cluster, room).values())
+    assert set(spread) == {worker.id for worker in cluster.workers}, spread
+    assert sum(spread.values()) == 30
+
+    # Everyone at once: each message reaches every client exactly once.
+    posts = [client.post(f"{client.username} #{n}") for client in group for n in (1, 2)]
+    await asyncio.gather(*posts)
+    await wait_all_have(cluster, group, 60)
+    for client in group:
+        assert sorted(client.live_seqs) == list(range(1, 61)), client.username
+    assert_same_messages(group, 60)
+
+    # Taking turns across the workers (each post acknowledged before the next):
+    # every client sees them in seq order.
+    for client in group:
+        client_id = await client.post(f"{client.username} in turn")
+        await eventually(
+            lambda: client.acked(client_id), what="the post was echoed", cluster=cluster
+        )
+    await wait_all_have(cluster, group, 90)
+    for client in group:
+        assert client.live_seqs[60:] == list(range(61, 91)), client.username
+    assert_same_messages(group, 90)
+    assert_undisturbed(group)
+
+
+# ---------------------------------------------------------------------------
+# A worker dies, a worker stops
+# ---------------------------------------------------------------------------
+
+
+def busiest_worker(cluster: Cluster, room: str) -> int:
+    """Returns the index of the worker holding the most sockets of the room."""
+    spread = Counter(worker_of(cluster, room).values())
+    index = max(
+        range(len(cluster.workers)), key=lambda i: spread[cluster.workers[i].id]
+    )
+    assert spread[cluster.workers[index].id] >= 2, spread
+    return index
+
+
+def presence_since(client: RoomClient, start: int) -> list[tuple[str, str]]:
+    """Returns the join and leave events the client got after its frame `start`."""
+    return [
+        (frame["type"], frame["user"])
+        for frame in client.frames[start:]
+        if frame["type"] in ("join", "leave")
+    ]
+
+
+async def post_from(group: Sequence[RoomClient], text: str) -> int:
+    """Posts one message from each client; returns how many."""
+    for client in group:
+        await client.post(f"{text} ({client.username})")
+    return len(group)
+
+
+async def test_kill_9_clients_resume_elsewhere_and_the_gone_user_leaves(
+    cluster, clients
+):
+    room = unique_name("kill")
+    users = make_users(cluster, 9, rooms=[room])
+    group = await clients(cluster, room, users)
+    index = busiest_worker(cluster, room)
+    dead_id = cluster.workers[index].id
+    where = worker_of(cluster, room)
+    on_dead = [c for c in group if where[c.username] == dead_id]
+    others = [c for c in group if c not in on_dead]
+    # One of them closed the page meanwhile: only the lease sweep can tell.
+    gone, movers = on_dead[0], on_dead[1:]
+    gone.reconnect = False
+
+    count = await post_from(others, "before")
+    await wait_all_have(cluster, group, count)
+
+    seen_before = {c.username: len(c.frames) for c in group}
+    assert cluster.kill_worker(index, signal.SIGKILL) == -signal.SIGKILL
+    killed_at = time.monotonic()
+    count += await post_from(others, "while they reconnect")
+    await eventually(
+        lambda: all(len(c.welcomes) == 2 for c in movers),
+        what="the dead worker's clients reconnected through nginx",
+        cluster=cluster,
+    )
+    count += await post_from(movers, "after the move")
+    survivors = others + movers
+    await wait_all_have(cluster, survivors, count)
+    assert_same_messages(survivors, count)
+
+    # Swept once the lease ran out: about twice the lease at most.
+    await eventually(
+        lambda: all(gone.username in c.seen("leave") for c in survivors),
+        what=f"everyone saw {gone.username} leave",
+        cluster=cluster,
+        timeout=2 * LEASE_SECONDS + 6,
+    )
+    assert time.monotonic() - killed_at < 2 * LEASE_SECONDS + 6
+    assert worker_rows(cluster, dead_id) == 0
+
+    for mover in movers:
+        assert mover.closes == [1006], mover.closes
+    assert_undisturbed(others)
+    # The movers came back within the lease: to the others they never left.
+    for client in survivors:
+        presence = presence_since(client, seen_before[client.username])
+        assert presence == [("leave", gone.username)], client.username
+    [newcomer] = await clients(cluster, room, make_users(cluster, 1))
+    assert newcomer.welcomes[0]["members"] == sorted(
+        {c.username for c in survivors} | {newcomer.username}
+    )
+
+
+async def test_sigterm_closes_with_1001_and_clients_resume_without_flicker(
+    cluster, clients
+):
+    room = unique_name("term")
+    users = make_users(cluster, 9, rooms=[room])
+    group = await clients(cluster, room, users)
+    index = busiest_worker(cluster, room)
+    draining = cluster.workers[index]
+    where = worker_of(cluster, room)
+    movers = [c for c in group if where[c.username] == draining.id]
+    others = [c for c in group if c not in movers]
+
+    count = await post_from(group, "before")
+    await wait_all_have(cluster, group, count)
+
+    seen_before = {c.username: len(c.frames) for c in group}
+    draining.send_signal(signal.SIGTERM)
+    count += await post_from(others, "during the drain")
+    await eventually(
+        lambda: all(len(c.welcomes) == 2 for c in movers),
+        what="the draining worker's clients reconnected through nginx",
+        cluster=cluster,
+    )
+    assert await asyncio.to_thread(draining.wait, DRAIN_SECONDS + 5) == 0
+    count += await post_from(movers, "after the move")
+    await wait_all_have(cluster, group, count)
+    assert_same_messages(group, count)
+
+    # The drained worker's rows stay until its lease runs out and they are
+    # swept; the users have sockets elsewhere by then, so nobody leaves.
+    await eventually(
+        lambda: worker_rows(cluster, draining.id) == 0,
+        what="the drained worker's sockets were swept",
+        cluster=cluster,
+        timeout=2 * LEASE_SECONDS + 6,
+    )
+    await asyncio.sleep(0.5)
+    for mover in movers:
+        assert mover.closes == [1001], mover.closes
+    assert_undisturbed(others)
+    for client in group:
+        assert (
+            presence_since(client, seen_before[client.username]) == []
+        ), client.username
+
+
+async def test_sigterm_while_sockets_close_still_exits_within_the_drain_limit(
+    cluster, clients
+):
+    """Disconnect handlers still running at SIGTERM must not keep the worker alive."""
+    room = unique_name("exit")
+    users = make_users(cluster, 6, rooms=[room])
+    worker = await asyncio.to_thread(cluster.start_worker)
+    group = await clients(cluster, room, users, via=worker.base_url)
+    # Posts keep the worker busy, so the handlers run as the signal comes.
+    await post_from(group, "bye")
+    await asyncio.gather(*(client.stop() for client in group))
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, DRAIN_SECONDS + 2) == 0
+
+
+# ---------------------------------------------------------------------------
+# Redis trouble
+# ---------------------------------------------------------------------------
+
+
+async def test_redis_restart_closes_sockets_and_chat_resumes_without_worker_restarts(
+    cluster, clients
+):
+    room = unique_name("redis")
+    users = make_users(cluster, 7, rooms=[room])
+    newcomer_name, newcomer_session = users.popitem()
+    group = await clients(cluster, room, users)
+    pids = [worker.pid for worker in cluster.workers]
+    count = await post_from(group, "before")
+    await wait_all_have(cluster, group, count)
+
+    cluster.redis[0].stop()
+    await eventually(
+        lambda: all(c.closes for c in group),
+        what="every socket closed when Redis went away",
+        cluster=cluster,
+    )
+    cluster.redis[0].start()
+
+    count += await post_from(group, "after the restart")
+    await wait_all_have(cluster, group, count)
+    [newcomer] = await clients(cluster, room, {newcomer_name: newcomer_session})
+    await newcomer.post("a new socket")
+    count += 1
+    await wait_all_have(cluster, [*group, newcomer], count)
+    assert_same_messages([*group, newcomer], count)
+
+    for client in group:
+        # 1013 while Redis was away; 1012 when a worker saw it come back empty.
+        assert client.closes and set(client.closes) <= {1012, 1013}, client.closes
+    assert [worker.pid for worker in cluster.workers] == pids
+    assert all(worker.alive() for worker in cluster.workers)
+
+
+async def test_worker_started_while_redis_is_down_is_unready_until_it_is_back(
+    cluster,
+):
+    cluster.redis[0].stop()
+    try:
+        worker = await asyncio.to_thread(cluster.start_worker)
+        status, body = http_get(f"{worker.base_url}/readyz")
+        assert status == 503, body
+        assert "Redis" in json.loads(body)["reason"]
+        # The load balancer sees it too, through any worker.
+        status, body = http_get(f"{cluster.url}/readyz")
+        assert status == 503 and "Redis" in json.loads(body)["reason"], body
+
+        # It stays up and keeps answering rather than exiting to be restarted.
+        await asyncio.sleep(LEASE_SECONDS)
+        assert worker.alive()
+        assert http_get(f"{worker.base_url}/healthz")[0] == 200
+    finally:
+        cluster.redis[0].start()
+    await eventually(
+        lambda: http_get(f"{worker.base_url}/readyz")[0] == 200,
+        what="/readyz turned 200 once Redis was back",
+        cluster=cluster,
+    )
+    assert http_get(f"{cluster.url}/readyz")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# A sharded channel layer
+# ---------------------------------------------------------------------------
+
+
+def rooms_on_each_shard(shards: int) -> list[str]:
+    """Returns one fresh room name per Redis server, by channels_redis's own hash."""
+    rooms: dict[int, str] = {}
+    while len(rooms) < shards:
+        room = unique_name("shard")
+        rooms.setdefault(_consistent_hash(f"room.{room}", shards), room)
+    return [rooms[index] for index in range(shards)]
+
+
+async def test_two_redis_servers_shard_rooms_and_fan_out_reaches_every_worker(clients):
+    with Cluster(workers=2, redis_servers=2, env=CLUSTER_ENV) as sharded:
+        rooms = rooms_on_each_shard(2)
+        users = make_users(sharded, 8, rooms=rooms)
+        names = list(users)
+        groups = {
+            room: await clients(sharded, room, {n: users[n] for n in names[i::2]})
+            for i, room in enumerate(rooms)
+        }
+        for room, group in groups.items():
+            spread = set(worker_of(sharded, room).values())
+            assert spread == {worker.id for worker in sharded.workers}, room
+            count = await post_from(group, "sharded")
+            await wait_all_have(sharded, group, count)
+            assert_same_messages(group, count)
+            assert_undisturbed(group)
+
+        # Each room's group lives on the server its name hashes to.
+        for index, (server, room) in enumerate(zip(sharded.redis, rooms)):
+            client = redis.Redis.from_url(server.url)
+            try:
+                assert client.exists(f"asgi:group:room.{room}")
+                assert not client.exists(f"asgi:group:room.{rooms[1 - index]}")
+            finally:
+                client.close()
+        for group in groups.values():
+            for client in group:
+                await client.stop()
