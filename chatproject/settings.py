@@ -41,13 +41,29 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+# Both take the same hosts list; each host's extra keys go to redis-py's pool.
+# The pub/sub layer publishes a group message once per worker, not per socket
+# (docs/performance.md compares them).
+REDIS_LAYER_BACKENDS = {
+    "core": "channels_redis.core.RedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+}
+
+
 def channel_layers_from_env(redis_url: str | None) -> dict:
     """Returns CHANNEL_LAYERS: in-memory without Redis, channels_redis with it.
 
-    A comma-separated REDIS_URL shards the layer across several Redis servers.
+    A comma-separated REDIS_URL shards the layer across several Redis servers;
+    CHAT_REDIS_LAYER picks channels_redis's list-based (core) or pub/sub layer.
     """
     if not redis_url or not redis_url.strip():
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    kind = os.environ.get("CHAT_REDIS_LAYER", "").strip().lower() or "core"
+    if kind not in REDIS_LAYER_BACKENDS:
+        raise ImproperlyConfigured(
+            f"CHAT_REDIS_LAYER must be one of {', '.join(REDIS_LAYER_BACKENDS)}, "
+            f"got {kind!r}"
+        )
     hosts = [
         {
             "address": url,
@@ -63,7 +79,7 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
     ]
     return {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": REDIS_LAYER_BACKENDS[kind],
             "CONFIG": {"hosts": hosts},
         }
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from channels_redis.core import RedisChannelLayer
+from channels_redis.utils import create_pool, decode_hosts
+from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.settings import channel_layers_from_env
 
@@ -18,7 +20,11 @@ def redis_hosts(redis_url: str) -> list[dict]:
 
 @pytest.fixture(autouse=True)
 def no_env_overrides(monkeypatch) -> None:
-    for name in ("CHAT_REDIS_SOCKET_TIMEOUT", "CHAT_REDIS_MAX_CONNECTIONS"):
+    for name in (
+        "CHAT_REDIS_SOCKET_TIMEOUT",
+        "CHAT_REDIS_MAX_CONNECTIONS",
+        "CHAT_REDIS_LAYER",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -69,3 +75,33 @@ def test_channels_redis_builds_pools_with_these_settings():
     for pool in pools:
         assert pool.connection_kwargs["socket_timeout"] > 5
         assert pool.max_connections > 100
+
+
+def test_pubsub_layer_is_chosen_by_the_environment_with_the_same_hosts(monkeypatch):
+    core = channel_layers_from_env("redis://a:6379/0,redis://b:6380/1")["default"]
+    monkeypatch.setenv("CHAT_REDIS_LAYER", "pubsub")
+    pubsub = channel_layers_from_env("redis://a:6379/0,redis://b:6380/1")["default"]
+    assert pubsub["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
+    assert pubsub["CONFIG"] == core["CONFIG"]
+
+
+def test_pubsub_layer_builds_pools_with_these_settings(monkeypatch):
+    # The pub/sub layer hands each host dict to create_pool as it is.
+    monkeypatch.setenv("CHAT_REDIS_LAYER", "pubsub")
+    config = channel_layers_from_env("redis://a:6379/0")["default"]["CONFIG"]
+    (pool,) = [create_pool(host) for host in decode_hosts(config["hosts"])]
+    assert pool.connection_kwargs["host"] == "a"
+    assert pool.connection_kwargs["socket_timeout"] > 5
+    assert pool.max_connections > 100
+
+
+@pytest.mark.parametrize("value", ["", "core", " Core "])
+def test_core_layer_is_the_default(monkeypatch, value):
+    monkeypatch.setenv("CHAT_REDIS_LAYER", value)
+    assert redis_hosts("redis://a:6379/0")
+
+
+def test_unknown_redis_layer_fails_loudly(monkeypatch):
+    monkeypatch.setenv("CHAT_REDIS_LAYER", "streams")
+    with pytest.raises(ImproperlyConfigured, match="CHAT_REDIS_LAYER"):
+        channel_layers_from_env("redis://a:6379/0")

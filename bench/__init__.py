@@ -1,0 +1,1 @@
+"""The chat's own benchmarks: real processes on loopback (docs/performance.md)."""
