@@ -11,7 +11,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import metrics, moderation, presence, protocol, services, worker
-from chat.broadcast import broadcast_room_async
+from chat.broadcast import CHAT_EVENT, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
 
@@ -27,6 +27,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # ------------------------------------------------------------------
     # Connection lifecycle
     # ------------------------------------------------------------------
+
+    async def dispatch(self, message: dict) -> None:
+        # Channels closes stale database connections before every handler: a
+        # hop to the database thread per socket per broadcast. A broadcast
+        # touches no database, so it skips that (the hot path of a fan-out).
+        if message["type"] == CHAT_EVENT:
+            await self.chat_event(message)
+            return
+        await super().dispatch(message)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
