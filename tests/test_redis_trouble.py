@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from channels.layers import get_channel_layer
+from django.test import Client as HttpClient
 
-from chat import protocol, worker
+from chat import protocol, tokens, worker
 from chat.models import Connection, Message
 from tests.conftest import RedisServer, assert_event, db, post, redis_layer_config
 
@@ -107,46 +108,41 @@ async def test_redis_run_ids_cover_every_shard(private_redis, redis_server, sett
     private_redis.start()
 
 
+async def api_post(owner, path: str, body: dict, **scopes: bool):
+    """Posts `body` to the HTTP API with a new token of `owner`'s."""
+    _, raw = await db(tokens.api_token_create, owner=owner, name="ci", **scopes)
+    return await db(
+        HttpClient().post,
+        path,
+        body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {raw}"},
+    )
+
+
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_publish_while_redis_is_down_is_stored_and_reaches_a_resuming_page(
     private_redis, connect, alice, room
 ):
     """The store is the truth: the live broadcast is best effort."""
-    from django.test import Client as HttpClient
-
-    from chat import tokens
-
-    _, raw = await db(tokens.api_token_create, owner=alice, name="ci", can_publish=True)
     private_redis.stop()
-    response = await db(
-        HttpClient().post,
-        "/api/rooms/lobby/messages/",
-        {"message": "built while Redis was away"},
-        content_type="application/json",
-        headers={"Authorization": f"Bearer {raw}"},
+    text = "built while Redis was away"
+    response = await api_post(
+        alice, "/api/rooms/lobby/messages/", {"message": text}, can_publish=True
     )
     assert response.status_code == 201, response.content
     private_redis.start()
     _, welcome = await connect(alice, query="since=0")
-    assert [m["message"] for m in welcome["messages"]] == ["built while Redis was away"]
+    assert [m["message"] for m in welcome["messages"]] == [text]
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_push_while_redis_is_down_is_a_503_with_retry_after(
     private_redis, alice, bob
 ):
-    from django.test import Client as HttpClient
-
-    from chat import tokens
-
-    _, raw = await db(tokens.api_token_create, owner=alice, name="ci", can_push=True)
     private_redis.stop()
-    response = await db(
-        HttpClient().post,
-        "/api/users/bob/push/",
-        {"event": "ping"},
-        content_type="application/json",
-        headers={"Authorization": f"Bearer {raw}"},
+    response = await api_post(
+        alice, "/api/users/bob/push/", {"event": "ping"}, can_push=True
     )
     assert response.status_code == 503
     assert (response.json()["error"], response["Retry-After"]) == ("unavailable", "5")
