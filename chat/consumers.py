@@ -1,21 +1,46 @@
 """ChatConsumer: one WebSocket in one room. Frames in through protocol, out through
 services and the broadcast seam; no ORM and no JSON building here.
+
+Broadcasts reach the socket through the channel layer's hub (chat/hub.py): the
+hub hands their ready text to `hub_deliver`, which queues it in the socket's
+bounded outbox (chat/outbox.py); one writer task sends it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import metrics, moderation, presence, protocol, services, worker
+from chat import metrics, presence, protocol, services, transport, worker
 from chat.broadcast import CHAT_EVENT, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
+from chat.outbox import Outbox, OutboxLimits
 
 logger = logging.getLogger(__name__)
+
+
+def outbox_limits() -> OutboxLimits:
+    """Returns the outgoing-queue bounds of a socket (from settings, now)."""
+    return OutboxLimits(
+        max_frames=settings.CHAT_SEND_QUEUE_FRAMES,
+        max_bytes=settings.CHAT_SEND_QUEUE_BYTES,
+        stall_seconds=settings.CHAT_SEND_STALL_SECONDS,
+        transport_high_water=settings.CHAT_SEND_TRANSPORT_BYTES,
+    )
+
+
+metrics.SEND_QUEUE_FRAMES.set_function(worker.queued_events)
+
+
+def _count_sent(frames: int, events: int) -> None:
+    metrics.FRAMES_SENT.inc(frames)
+    metrics.EVENTS_SENT.inc(events)
+    metrics.SEND_BATCH_EVENTS.observe(events)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -23,6 +48,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # The room's group and the user's own group (pushes), once joined.
     groups_joined: tuple[str, ...] = ()
     registered = False
+    outbox: Outbox | None = None
 
     # ------------------------------------------------------------------
     # Connection lifecycle
@@ -48,8 +74,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def close_unavailable(self) -> None:
         """Sends `unavailable`, closes with 1013 and forgets the socket's presence."""
+        if self.outbox is not None:
+            self.outbox.stop()
         try:
-            await self.send_error(protocol.unavailable_error())
+            await self.send_direct(self.error_event(protocol.unavailable_error()))
             await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
         except Exception:
             logger.debug("the socket was already gone", exc_info=True)
@@ -58,9 +86,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         """Called on the handshake: check who and where, join, send `welcome`."""
+        batch = protocol.SUBPROTOCOL_BATCH in (self.scope.get("subprotocols") or ())
         # Accept first: a close before accept is an HTTP 403 and the client
         # never sees the close code that says why.
-        await self.accept()
+        await self.accept(subprotocol=protocol.SUBPROTOCOL_BATCH if batch else None)
+        probe = transport.scope_probe(self.scope)
+        self.outbox = Outbox(
+            self.send_text,
+            limits=outbox_limits(),
+            batch=batch,
+            on_overflow=self.close_too_slow,
+            backlog=probe.buffered if probe is not None else None,
+            on_sent=_count_sent,
+        )
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
@@ -75,11 +113,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def open_session(self, user) -> None:
         slug = self.scope["url_route"]["kwargs"]["room"]
-        self.room = await database_sync_to_async(services.room_get)(slug=slug)
-        if self.room is None:
+        if not protocol.is_valid_room_name(slug):
             await self.close(code=protocol.CLOSE_NO_SUCH_ROOM)
             return
-
         self.user = user
         self.limits = frame_limits()
         self.post_rate = TokenBucket(
@@ -91,50 +127,48 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             since = protocol.parse_since(self.scope.get("query_string", b""))
         except protocol.ProtocolError as error:
-            await self.send_error(error)
+            await self.send_direct(self.error_event(error))
 
-        # Join the group before reading the backlog, so that nothing posted in
-        # between is missed; the client drops seqs it has already shown.
+        # Join the groups before reading the backlog, so that nothing posted in
+        # between is missed (the client drops seqs it has already shown), and
+        # before the ban check, so that a ban from then on arrives as a kick.
+        hub = getattr(self.channel_layer, "hub", None)
+        if hub is not None:
+            hub.attach(self.channel_name, self)
+        presence.diffs.bind(asyncio.get_running_loop())
         await self.join_groups(
-            protocol.room_group_name(self.room.slug),
-            protocol.user_group_name(user.pk),
+            protocol.room_group_name(slug), protocol.user_group_name(user.pk)
         )
-        # The ban check comes after joining the user's group: a ban committed
-        # from here on reaches this socket as a kick.
-        if await database_sync_to_async(moderation.ban_active)(room=self.room, user=user):
-            await self.leave_groups()
-            await self.close(code=protocol.CLOSE_FORBIDDEN)
-            return
         try:
-            await database_sync_to_async(presence.connection_open)(
-                room=self.room,
+            self.room, welcome = await database_sync_to_async(services.socket_open)(
+                slug=slug,
                 user=user,
                 channel_name=self.channel_name,
                 address=self.client_address(),
-                max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+                since=since,
             )
-        except presence.TooManyConnections:
+        except services.SocketRefused as refused:
             await self.leave_groups()
-            await self.close(code=protocol.CLOSE_TOO_MANY_CONNECTIONS)
+            await self.close(code=refused.code)
             return
         self.registered = True
         worker.socket_opened(self)
         metrics.OPEN_SOCKETS.inc()
-        welcome = await database_sync_to_async(services.room_welcome)(
-            room=self.room,
-            user=user,
-            since=since,
-            page_size=settings.CHAT_HISTORY_PAGE,
-            resume_max=settings.CHAT_RESUME_MAX,
-        )
-        await self.send_event(welcome)
+        # `welcome` goes first; broadcasts that arrived meanwhile wait behind it.
+        await self.send_direct(welcome)
+        self.outbox.start()
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: leave the group and the presence store."""
+        if self.outbox is not None:
+            self.outbox.stop()
         try:
             await self.leave_groups()
         except worker.LAYER_ERRORS:
             logger.warning("could not leave groups: the channel layer is unreachable")
+        hub = getattr(self.channel_layer, "hub", None)
+        if hub is not None:
+            hub.detach(self.channel_name)
         if not self.registered:
             return
         self.registered = False
@@ -177,6 +211,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_typing()
             elif isinstance(command, protocol.HistoryRequest):
                 await self.send_history(command)
+            elif isinstance(command, protocol.MembersRequest):
+                await self.send_members(command)
         except protocol.ProtocolError as error:
             await self.send_error(error)
         except worker.LAYER_ERRORS:
@@ -227,23 +263,69 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
+    async def send_members(self, command: protocol.MembersRequest) -> None:
+        if not self.post_rate.allow():
+            raise protocol.ProtocolError(
+                protocol.ERROR_RATE_LIMITED,
+                f"too many requests; retry in {self.post_rate.retry_after():.1f} s",
+            )
+        page = await database_sync_to_async(services.room_members_page)(
+            room=self.room, after=command.after
+        )
+        await self.send_event(page)
+
     # ------------------------------------------------------------------
     # Server events
     # ------------------------------------------------------------------
 
     async def send_event(self, event: dict) -> None:
-        await self.send(text_data=protocol.encode(event))
-        metrics.FRAMES_SENT.inc()
+        """Queues an event behind the broadcasts already queued for this socket."""
+        self.outbox.push(protocol.encode(event))
+
+    async def send_direct(self, event: dict) -> None:
+        """Sends an event at once, ahead of the outbox (before it starts)."""
+        await self.send_text(
+            protocol.encode_frame(event, batch=self.outbox is not None and self.outbox.batch)
+        )
+        _count_sent(1, 1)
+
+    async def send_text(self, text: str) -> None:
+        await self.send(text_data=text)
+
+    def error_event(self, error: protocol.ProtocolError) -> dict:
+        metrics.error_sent(error.code)
+        return protocol.event_error(error.code, error.detail, error.ref)
 
     async def send_error(self, error: protocol.ProtocolError) -> None:
-        metrics.error_sent(error.code)
-        await self.send_event(protocol.event_error(error.code, error.detail, error.ref))
+        event = self.error_event(error)
+        if self.outbox is not None and self.registered:
+            await self.send_event(event)
+        else:
+            await self.send_direct(event)
+
+    def hub_deliver(self, message: dict) -> bool:
+        """Called by the hub for each broadcast to this socket's groups."""
+        if message["type"] != CHAT_EVENT:
+            return False
+        if message.get("exclude") != self.channel_name:
+            self.outbox.push(message["text"])
+        return True
 
     async def chat_event(self, message: dict) -> None:
-        """Called for each room broadcast: the text is ready, send it as it is."""
-        if message.get("exclude") != self.channel_name:
-            await self.send(text_data=message["text"])
-            metrics.FRAMES_SENT.inc()
+        """Called for a room broadcast that came the stock way (no hub)."""
+        self.hub_deliver(message)
+
+    async def close_too_slow(self, reason: str, dropped: int) -> None:
+        """Called by the outbox when this socket fell too far behind."""
+        metrics.slow_close(reason, dropped)
+        logger.info(
+            "closing socket of user %s in %s with %d: too slow (%s)",
+            self.user.pk,
+            self.room.slug if self.room else "-",
+            protocol.CLOSE_TOO_SLOW,
+            reason,
+        )
+        await self.close(code=protocol.CLOSE_TOO_SLOW)
 
     async def chat_kick(self, message: dict) -> None:
         """Called when a moderator kicks or bans this socket's user from a room."""

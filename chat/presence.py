@@ -9,10 +9,12 @@ worker killed without running its disconnect handlers.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import secrets
 import socket
+import threading
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
@@ -107,11 +109,26 @@ def _discard_from_groups(channel_name: str, room_slug: str, user_id: int) -> Non
 # ---------------------------------------------------------------------------
 
 
-def room_members(*, room: Room) -> list[str]:
-    """Returns the sorted usernames with at least one live socket in the room."""
-    return sorted(
-        set(live_connections().filter(room=room).values_list("user__username", flat=True))
+def room_members(
+    *, room: Room, after: str | None = None, limit: int | None = None
+) -> tuple[list[str], bool]:
+    """Returns a page of the sorted usernames online in the room, and whether more follow.
+
+    Online: at least one live socket. The page starts after `after`.
+    """
+    names = (
+        live_connections()
+        .filter(room=room)
+        .order_by("user__username")
+        .values_list("user__username", flat=True)
+        .distinct()
     )
+    if after is not None:
+        names = names.filter(user__username__gt=after)
+    if limit is None:
+        return list(names), False
+    page = list(names[: limit + 1])
+    return page[:limit], len(page) > limit
 
 
 def user_socket_count(*, user: AbstractBaseUser) -> int:
@@ -119,7 +136,8 @@ def user_socket_count(*, user: AbstractBaseUser) -> int:
     return live_connections().filter(user=user).count()
 
 
-def _member_count(room: Room) -> int:
+def room_member_count(*, room: Room) -> int:
+    """Returns how many users are online in the room."""
     return live_connections().filter(room=room).values("user").distinct().count()
 
 
@@ -134,11 +152,13 @@ def connection_open(
     """Records an open socket; returns True when it is the user's first in the room.
 
     Raises TooManyConnections when the user already has `max_per_user` sockets.
+    A first socket puts the user into the room's next presence diff.
     """
     with transaction.atomic():
         # Locking the room row serialises open/close in one room, so two tabs
         # opening at once cannot both count as the first.
         locked = Room.objects.select_for_update().get(pk=room.pk)
+        # The socket counts only while this worker's lease row exists.
         worker_heartbeat()
         if user_socket_count(user=user) >= max_per_user:
             raise TooManyConnections(user.get_username())
@@ -151,15 +171,8 @@ def connection_open(
             address=address[:100],
         )
         if first:
-            event = protocol.event_join(
-                user=user.get_username(), members=_member_count(locked)
-            )
-            # robust: presence is best effort while Redis is down; the socket
-            # itself is refused by the consumer in that case.
-            transaction.on_commit(
-                lambda: broadcast_room(locked.slug, event, exclude_channel=channel_name),
-                robust=True,
-            )
+            username = user.get_username()
+            transaction.on_commit(lambda: diffs.note(locked.slug, username))
     return first
 
 
@@ -167,7 +180,7 @@ def connection_close(*, channel_name: str) -> bool:
     """Forgets a socket; returns True when it was its user's last one in the room."""
     with transaction.atomic():
         connection = (
-            Connection.objects.select_related("user")
+            Connection.objects.select_related("user", "room")
             .filter(channel_name=channel_name)
             .first()
         )
@@ -180,10 +193,130 @@ def connection_close(*, channel_name: str) -> bool:
             return False
         last = not live_connections().filter(room=locked, user=connection.user).exists()
         if last:
-            event = protocol.event_leave(
-                user=connection.user.get_username(), members=_member_count(locked)
-            )
-            transaction.on_commit(
-                lambda: broadcast_room(locked.slug, event), robust=True
-            )
+            username = connection.user.get_username()
+            transaction.on_commit(lambda: diffs.note(locked.slug, username))
     return last
+
+
+# ---------------------------------------------------------------------------
+# Presence diffs
+# ---------------------------------------------------------------------------
+
+
+def room_presence_diff(*, slug: str, usernames: set[str]) -> dict | None:
+    """Returns the `presence` event for users whose presence in a room changed.
+
+    Each user is reported as they are now (joined if online, else left), so
+    diffs from two workers that arrive out of order still end in the truth.
+    """
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        return None
+    online = set(
+        live_connections()
+        .filter(room=room, user__username__in=usernames)
+        .values_list("user__username", flat=True)
+    )
+    return protocol.event_presence(
+        joins=sorted(usernames & online),
+        leaves=sorted(usernames - online),
+        members=room_member_count(room=room),
+    )
+
+
+class PresenceDiffs:
+    """Joins and leaves of this process, sent as one diff per room per interval.
+
+    Phoenix Presence's presence_diff is the model: filling a room of N people
+    then costs each socket a frame per interval, not one per person (N²/2).
+    Sync code (presence writes in a database thread) notes changes; the flush
+    runs on the worker's event loop. Without a loop (a management command, the
+    admin under WSGI) a note is flushed at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, set[str]] = {}
+        self._loop = None
+        self._scheduled = False
+
+    def bind(self, loop) -> None:
+        """Called on connect: flushes run on this event loop from now on."""
+        with self._lock:
+            if loop is self._loop:
+                return
+            self._loop = loop
+            self._scheduled = False
+            pending = bool(self._pending)
+        if pending:
+            self._schedule()
+
+    def note(self, slug: str, username: str) -> None:
+        """Puts a user whose presence in room `slug` changed into the next diff."""
+        with self._lock:
+            self._pending.setdefault(slug, set()).add(username)
+        self._schedule()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._pending.clear()
+            self._loop = None
+            self._scheduled = False
+
+    def _schedule(self) -> None:
+        with self._lock:
+            loop = self._loop
+            if self._scheduled:
+                return
+            if loop is not None and not loop.is_closed():
+                self._scheduled = True
+        if self._scheduled:
+            try:
+                # A fresh context: the caller's (a database thread's) would make
+                # the flush's own database call think it is nested in it.
+                loop.call_soon_threadsafe(self._arm, loop, context=contextvars.Context())
+                return
+            except RuntimeError:
+                with self._lock:
+                    self._scheduled = False
+        self.flush_now()
+
+    def _arm(self, loop) -> None:
+        delay = settings.CHAT_PRESENCE_INTERVAL_MS / 1000
+        loop.call_later(delay, lambda: loop.create_task(self._flush_async()))
+
+    def _take(self) -> dict[str, set[str]]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._scheduled = False
+        return pending
+
+    async def _flush_async(self) -> None:
+        from channels.db import database_sync_to_async
+
+        from chat.broadcast import broadcast_room_async
+
+        for slug, usernames in self._take().items():
+            try:
+                event = await database_sync_to_async(room_presence_diff)(
+                    slug=slug, usernames=usernames
+                )
+                if event is not None:
+                    await broadcast_room_async(slug, event)
+            except Exception:
+                # Presence is best effort while Redis or the database is away;
+                # `welcome` and the next diff carry the truth again.
+                logger.warning("could not send the presence diff of %s", slug, exc_info=True)
+
+    def flush_now(self) -> None:
+        """Sends every pending diff at once (sync code with no event loop)."""
+        for slug, usernames in self._take().items():
+            try:
+                event = room_presence_diff(slug=slug, usernames=usernames)
+                if event is not None:
+                    broadcast_room(slug, event)
+            except Exception:
+                logger.warning("could not send the presence diff of %s", slug, exc_info=True)
+
+
+diffs = PresenceDiffs()

@@ -48,10 +48,17 @@ CLOSE_NOT_SIGNED_IN = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NO_SUCH_ROOM = 4404
 CLOSE_TOO_MANY_CONNECTIONS = 4429
+# The socket fell too far behind (its outgoing queue is full, or its transport
+# did not drain in time): reconnect and resume with ?since.
+CLOSE_TOO_SLOW = 4008
 # Server-side codes of RFC 6455 (sent through chatproject.server).
 CLOSE_GOING_AWAY = 1001
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
+
+# The WebSocket subprotocol a client asks for to get batches: every server frame
+# is then a JSON array of one or more events, in order.
+SUBPROTOCOL_BATCH = "chat.batch"
 
 ERROR_BAD_JSON = "bad_json"
 ERROR_NOT_AN_OBJECT = "not_an_object"
@@ -108,7 +115,13 @@ class HistoryRequest:
     limit: int
 
 
-ClientCommand = Union[PostMessage, Typing, HistoryRequest]
+@dataclass(frozen=True)
+class MembersRequest:
+    # The page starts after this username (None: from the first).
+    after: str | None
+
+
+ClientCommand = Union[PostMessage, Typing, HistoryRequest, MembersRequest]
 
 
 @dataclass(frozen=True)
@@ -254,6 +267,11 @@ def parse_client_frame(
         return Typing()
     if kind == "history":
         return _clean_history(frame, limits)
+    if kind == "members":
+        after = frame.get("after")
+        if after is not None and (not isinstance(after, str) or len(after) > 150):
+            raise ProtocolError(ERROR_INVALID_FIELD, "after must be a username")
+        return MembersRequest(after=after)
     if kind is None:
         raise ProtocolError(ERROR_UNKNOWN_TYPE, "the frame has no type")
     shown = kind if isinstance(kind, str) else json.dumps(kind)
@@ -313,20 +331,32 @@ def event_welcome(
     room: str,
     user: str,
     members: list[str],
+    member_count: int,
     messages: list[dict[str, Any]],
     has_more: bool,
     closed: bool = False,
 ) -> dict[str, Any]:
-    """Returns the `welcome` event sent right after a socket is accepted."""
+    """Returns the `welcome` event sent right after a socket is accepted.
+
+    `members` is the first page of the sorted member list; `member_count`
+    counts them all, and `members_more` says a `members` request gets more.
+    """
     return {
         "type": "welcome",
         "room": room,
         "user": user,
         "members": members,
+        "member_count": member_count,
+        "members_more": member_count > len(members),
         "messages": messages,
         "has_more": has_more,
         "closed": closed,
     }
+
+
+def event_members(*, after: str | None, members: list[str], has_more: bool) -> dict:
+    """Returns the answer to a `members` request: the next page of usernames."""
+    return {"type": "members", "after": after, "members": members, "has_more": has_more}
 
 
 def event_history(
@@ -341,14 +371,14 @@ def event_history(
     }
 
 
-def event_join(*, user: str, members: int) -> dict[str, Any]:
-    """Returns a `join` event: the first socket of `user` opened in the room."""
-    return {"type": "join", "user": user, "members": members}
+def event_presence(
+    *, joins: list[str], leaves: list[str], members: int
+) -> dict[str, Any]:
+    """Returns a `presence` diff: who came and who went in the last interval.
 
-
-def event_leave(*, user: str, members: int) -> dict[str, Any]:
-    """Returns a `leave` event: the last socket of `user` in the room closed."""
-    return {"type": "leave", "user": user, "members": members}
+    `members` counts the users in the room once the diff is applied.
+    """
+    return {"type": "presence", "joins": joins, "leaves": leaves, "members": members}
 
 
 def event_typing(*, user: str) -> dict[str, Any]:
@@ -379,3 +409,9 @@ def event_error(code: str, detail: str, ref: str | None = None) -> dict[str, Any
 def encode(event: dict[str, Any]) -> str:
     """Returns the JSON text of a server event (done once per event, not per socket)."""
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_frame(event: dict[str, Any], *, batch: bool) -> str:
+    """Returns one event as a frame: an array of one for a `chat.batch` socket."""
+    text = encode(event)
+    return f"[{text}]" if batch else text

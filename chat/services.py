@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -17,7 +18,7 @@ from django.db.models import Count, F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from chat import presence, protocol
+from chat import moderation, presence, protocol
 from chat.broadcast import broadcast_room, push_user
 from chat.models import Message, Room
 
@@ -195,21 +196,86 @@ def room_welcome(
     since: int | None,
     page_size: int,
     resume_max: int,
+    members_page: int | None = None,
 ) -> dict[str, Any]:
-    """Returns the `welcome` event: members and the backlog (or what was missed)."""
+    """Returns the `welcome` event: members and the backlog (or what was missed).
+
+    The member list is the first `members_page` of them (default
+    CHAT_MEMBERS_PAGE); a client asks for the rest with `members`.
+    """
     page = None
     if since is not None:
         page = room_messages_since(room=room, since=since, limit=resume_max)
     if page is None:
         page = room_history(room=room, before=None, limit=page_size)
+    limit = settings.CHAT_MEMBERS_PAGE if members_page is None else members_page
+    members, more = presence.room_members(room=room, limit=limit)
     return protocol.event_welcome(
         room=room.slug,
         user=user.get_username(),
-        members=presence.room_members(room=room),
+        members=members,
+        # Counting only when the page is full: below it, the page is the count.
+        member_count=presence.room_member_count(room=room) if more else len(members),
         messages=page.events,
         has_more=page.has_more,
         closed=room.is_closed,
     )
+
+
+def room_members_page(*, room: Room, after: str | None) -> dict[str, Any]:
+    """Returns the `members` event: the page of members after `after`."""
+    members, more = presence.room_members(
+        room=room, after=after, limit=settings.CHAT_MEMBERS_PAGE
+    )
+    return protocol.event_members(after=after, members=members, has_more=more)
+
+
+class SocketRefused(Exception):
+    """A socket may not open; `code` is the close code that says why."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def socket_open(
+    *,
+    slug: str,
+    user: AbstractBaseUser,
+    channel_name: str,
+    address: str,
+    since: int | None,
+) -> tuple[Room, dict[str, Any]]:
+    """Checks and records a new socket; returns its room and its `welcome` event.
+
+    One call (one trip to the database thread) for the whole handshake: the
+    room, the ban check, the presence row, the backlog and the members. The
+    caller has joined the room's and the user's groups already, so nothing
+    posted or decided from here on is missed. Raises SocketRefused.
+    """
+    room = room_get(slug=slug)
+    if room is None:
+        raise SocketRefused(protocol.CLOSE_NO_SUCH_ROOM)
+    if moderation.ban_active(room=room, user=user):
+        raise SocketRefused(protocol.CLOSE_FORBIDDEN)
+    try:
+        presence.connection_open(
+            room=room,
+            user=user,
+            channel_name=channel_name,
+            address=address,
+            max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+        )
+    except presence.TooManyConnections:
+        raise SocketRefused(protocol.CLOSE_TOO_MANY_CONNECTIONS)
+    welcome = room_welcome(
+        room=room,
+        user=user,
+        since=since,
+        page_size=settings.CHAT_HISTORY_PAGE,
+        resume_max=settings.CHAT_RESUME_MAX,
+    )
+    return room, welcome
 
 
 # ---------------------------------------------------------------------------

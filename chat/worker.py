@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import redis
 import redis.asyncio
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import presence
@@ -53,6 +54,11 @@ def socket_closed(consumer: Closable) -> None:
 
 def open_socket_count() -> int:
     return len(_sockets)
+
+
+def queued_events() -> int:
+    """Returns the events queued in the outboxes of this process's sockets."""
+    return sum(len(outbox) for outbox in (getattr(c, "outbox", None) for c in list(_sockets)) if outbox)
 
 
 async def close_all_sockets(code: int) -> int:
@@ -136,6 +142,9 @@ class LayerWatch:
         restarted = self.known is not None and current != self.known
         self.known = current
         if restarted:
+            hub = getattr(get_channel_layer(), "hub", None)
+            if hub is not None:
+                hub.forget_upstream()
             closed = await close_all_sockets(CLOSE_SERVICE_RESTART)
             logger.warning("channel layer Redis restarted: closed %d socket(s) with 1012", closed)
         return restarted
@@ -144,6 +153,19 @@ class LayerWatch:
 # ---------------------------------------------------------------------------
 # The background loop
 # ---------------------------------------------------------------------------
+
+
+async def refresh_hub_groups() -> int:
+    """Joins the layer's groups again before their expiry (a day by default).
+
+    The hub joins a room's group once per worker, when its first socket there
+    opens; a room whose sockets stay longer than the expiry would go deaf.
+    """
+    layer = get_channel_layer()
+    hub = getattr(layer, "hub", None)
+    if hub is None:
+        return 0
+    return await hub.refresh(older_than=getattr(layer, "group_expiry", 86400) / 2)
 
 
 def ensure_heartbeat() -> None:
@@ -174,4 +196,8 @@ async def _worker_loop() -> None:
             await watch.check()
         except Exception:
             logger.exception("channel layer check failed")
+        try:
+            await refresh_hub_groups()
+        except Exception:
+            logger.warning("could not refresh the hub's groups", exc_info=True)
         await asyncio.sleep(settings.CHAT_WORKER_LEASE_SECONDS / 3)

@@ -17,7 +17,12 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from chat import transport  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+
+# Under daphne (plain or the launcher), lets each socket see its transport's
+# unsent bytes: daphne has no write backpressure of its own.
+transport.install()
 
 # In DEBUG a bare `daphne` serves /static/ itself; in production nginx does.
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app

@@ -42,10 +42,11 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 # Both take the same hosts list; each host's extra keys go to redis-py's pool.
-# The pub/sub layer publishes a group message once per worker, not per socket
-# (docs/performance.md compares them).
+# "core" is channels_redis's layer with the chat's fan-out hub under its group
+# API (chat/hub.py): one group member per worker, not per socket. "pubsub" is
+# channels_redis's pub/sub layer as it comes (docs/performance.md).
 REDIS_LAYER_BACKENDS = {
-    "core": "channels_redis.core.RedisChannelLayer",
+    "core": "chat.hub.RedisHubLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
 
@@ -57,7 +58,7 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
     CHAT_REDIS_LAYER picks channels_redis's list-based (core) or pub/sub layer.
     """
     if not redis_url or not redis_url.strip():
-        return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+        return {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
     kind = os.environ.get("CHAT_REDIS_LAYER", "").strip().lower() or "core"
     if kind not in REDIS_LAYER_BACKENDS:
         raise ImproperlyConfigured(
@@ -77,12 +78,12 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
         for url in (part.strip() for part in redis_url.split(","))
         if url
     ]
-    return {
-        "default": {
-            "BACKEND": REDIS_LAYER_BACKENDS[kind],
-            "CONFIG": {"hosts": hosts},
-        }
-    }
+    config: dict = {"hosts": hosts}
+    if kind == "core":
+        # A worker's channels share one Redis list: with the hub every broadcast
+        # to a room is one entry in it, so a burst needs room (default 100).
+        config["capacity"] = env_int("CHAT_LAYER_CAPACITY", 1000)
+    return {"default": {"BACKEND": REDIS_LAYER_BACKENDS[kind], "CONFIG": config}}
 
 
 def caches_from_env(redis_url: str | None) -> dict:
@@ -256,3 +257,14 @@ CHAT_API_RATE_WINDOW_SECONDS = env_int("CHAT_API_RATE_WINDOW_SECONDS", 60)
 # A worker renews its lease every third of this; the sockets of a worker whose
 # lease ran out are swept (with `leave` events) by the live ones.
 CHAT_WORKER_LEASE_SECONDS = env_int("CHAT_WORKER_LEASE_SECONDS", 30)
+# Fan-out: what one socket may have queued before it is closed with 4008 (too
+# slow: reconnect and resume), and how long its transport may stay full.
+CHAT_SEND_QUEUE_FRAMES = env_int("CHAT_SEND_QUEUE_FRAMES", 1000)
+CHAT_SEND_QUEUE_BYTES = env_int("CHAT_SEND_QUEUE_BYTES", 1024 * 1024)
+CHAT_SEND_STALL_SECONDS = env_int("CHAT_SEND_STALL_SECONDS", 10)
+# Bytes daphne's transport may hold unsent for a socket before its writer waits.
+CHAT_SEND_TRANSPORT_BYTES = env_int("CHAT_SEND_TRANSPORT_BYTES", 64 * 1024)
+# Presence: joins and leaves in a room go out as one diff per this interval,
+# and `welcome` lists at most a page of members (a client asks for more).
+CHAT_PRESENCE_INTERVAL_MS = env_int("CHAT_PRESENCE_INTERVAL_MS", 500)
+CHAT_MEMBERS_PAGE = env_int("CHAT_MEMBERS_PAGE", 100)

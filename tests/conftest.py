@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -98,9 +100,7 @@ def redis_layer_config(url: str) -> dict[str, Any]:
 async def channel_layer(request, settings) -> AsyncIterator[str]:
     """Runs a test on the in-memory layer and on channels_redis with a real Redis."""
     if request.param == "memory":
-        settings.CHANNEL_LAYERS = {
-            "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
-        }
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
     else:
         server = request.getfixturevalue("redis_server")
         settings.CHANNEL_LAYERS = {"default": redis_layer_config(server.url)}
@@ -114,6 +114,17 @@ async def channel_layer(request, settings) -> AsyncIterator[str]:
 # ---------------------------------------------------------------------------
 # Users and rooms
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def presence_diffs(settings) -> Iterator[None]:
+    """Presence diffs start empty in every test and come quickly."""
+    from chat import presence
+
+    settings.CHAT_PRESENCE_INTERVAL_MS = 50
+    presence.diffs.reset()
+    yield
+    presence.diffs.reset()
 
 
 @pytest.fixture(autouse=True)
@@ -155,11 +166,20 @@ ORIGIN = (b"origin", b"http://127.0.0.1")
 
 
 class Client:
-    """A WebsocketCommunicator connected as one user, with JSON helpers."""
+    """A WebsocketCommunicator connected as one user, with JSON helpers.
+
+    Presence diffs come on their own schedule, so `receive` passes over them
+    (they are kept for `receive_presence`) and tests of other frames need not
+    know when a diff falls between them.
+    """
 
     def __init__(self, communicator: WebsocketCommunicator) -> None:
         self.communicator = communicator
         self.closed = False
+        self.frames: deque[dict[str, Any]] = deque()
+        self.presence: deque[dict[str, Any]] = deque()
+        # Raw text of every frame, to check the framing (batches).
+        self.raw: list[str] = []
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.communicator.send_json_to(frame)
@@ -167,8 +187,18 @@ class Client:
     async def send_text(self, text: str) -> None:
         await self.communicator.send_to(text_data=text)
 
+    async def _read(self, timeout: float) -> None:
+        text = await self.communicator.receive_from(timeout=timeout)
+        self.raw.append(text)
+        decoded = json.loads(text)
+        for event in decoded if isinstance(decoded, list) else [decoded]:
+            (self.presence if event.get("type") == "presence" else self.frames).append(event)
+
     async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
-        return await self.communicator.receive_json_from(timeout=timeout)
+        """Returns the next frame that is not a presence diff."""
+        while not self.frames:
+            await self._read(timeout)
+        return self.frames.popleft()
 
     async def receive_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
         """Returns the next frame, which must be of type `kind`."""
@@ -176,8 +206,35 @@ class Client:
         assert frame["type"] == kind, frame
         return frame
 
+    async def receive_presence(self, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        """Returns the next presence diff."""
+        while not self.presence:
+            await self._read(timeout)
+        return self.presence.popleft()
+
+    async def wait_presence(
+        self, *, joins: tuple[str, ...] = (), leaves: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Reads diffs until every user of `joins` joined and of `leaves` left."""
+        want_joins, want_leaves = set(joins), set(leaves)
+        while True:
+            diff = await self.receive_presence()
+            want_joins -= set(diff["joins"])
+            want_leaves -= set(diff["leaves"])
+            if not want_joins and not want_leaves:
+                return diff
+
     async def receive_nothing(self, timeout: float = 0.3) -> bool:
-        return await self.communicator.receive_nothing(timeout=timeout)
+        """True when no frame but presence diffs arrives within `timeout`."""
+        while not await self.communicator.receive_nothing(timeout=timeout):
+            await self._read(RECEIVE_TIMEOUT)
+        return not self.frames
+
+    async def presence_nothing(self, timeout: float = 0.3) -> bool:
+        """True when no presence diff arrives within `timeout` (others are kept)."""
+        while not await self.communicator.receive_nothing(timeout=timeout):
+            await self._read(RECEIVE_TIMEOUT)
+        return not self.presence
 
     async def receive_close(self, timeout: float = RECEIVE_TIMEOUT) -> int:
         """Returns the close code the server sent (after any frames before it)."""
@@ -213,10 +270,14 @@ async def connect(channel_layer) -> AsyncIterator:
         headers: list[tuple[bytes, bytes]] | None = None,
         app=None,
         welcome: bool = True,
+        subprotocols: list[str] | None = None,
     ):
         path = f"/ws/chat/{room}/" + (f"?{query}" if query else "")
         communicator = WebsocketCommunicator(
-            app or application, path, headers=[ORIGIN] if headers is None else headers
+            app or application,
+            path,
+            headers=[ORIGIN] if headers is None else headers,
+            subprotocols=subprotocols,
         )
         if user is not None:
             communicator.scope["user"] = user

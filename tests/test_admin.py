@@ -199,7 +199,7 @@ async def test_deleting_a_message_removes_it_from_every_open_page(
 ):
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     first = await post(a, "spam")
     await b.receive()
     kept = await post(a, "fine")
@@ -253,7 +253,7 @@ async def test_kick_closes_the_users_sockets_in_that_room_with_4403(
     b1, _ = await connect(bob)
     b2, _ = await connect(bob)
     elsewhere, _ = await connect(bob, room="other")
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     sockets = await db(lambda: list(Connection.objects.filter(user=bob, room=room)))
 
     await admin_post(admin_client, SOCKETS, {
@@ -264,7 +264,7 @@ async def test_kick_closes_the_users_sockets_in_that_room_with_4403(
     assert await elsewhere.receive_nothing(), "a kick is for one room"
     await b1.close()
     await b2.close()
-    assert_event(await a.receive(), "leave", user="bob")
+    await a.wait_presence(leaves=("bob",))
     assert await db(kinds) == ["kick"]
     _, welcome = await connect(bob)  # a kick is not a ban
     assert welcome["type"] == "welcome"

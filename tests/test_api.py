@@ -531,7 +531,7 @@ async def test_push_reaches_every_socket_of_the_user_and_no_one_else(
     other = await db(Room.objects.create, slug="other")
     bob_lobby, _ = await connect(bob)
     alice_lobby, _ = await connect(alice)
-    assert_event(await bob_lobby.receive(), "join", user="alice")
+    await bob_lobby.wait_presence(joins=("alice",))
     alice_other, _ = await connect(alice, other.slug)
 
     data = {"event": "build.finished", "data": {"id": 7, "ok": True, "tags": ["a"]}}

@@ -121,7 +121,7 @@ async def test_too_many_sockets_of_one_user_close_with_4429(
 async def test_message_reaches_everyone_with_gapless_seq(connect, alice, bob, room):
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
 
     first = await post(a, "hello", client_id="c-1")
     assert_event(first, "message", seq=1, user="alice", message="hello",
@@ -146,7 +146,7 @@ async def test_retried_client_id_is_stored_once_and_acked_to_sender_only(
 ):
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     original = await post(a, "once", client_id="retry-1")
     assert await b.receive() == original
 
@@ -274,42 +274,83 @@ async def test_flood_is_rate_limited_and_nothing_stored_twice(
 # ---------------------------------------------------------------------------
 
 
-async def test_join_and_leave_are_sent_to_the_others(connect, alice, bob, room):
+async def test_join_and_leave_are_sent_as_presence_diffs(connect, alice, bob, room):
     a, _ = await connect(alice)
+    await a.wait_presence(joins=("alice",))
     b, welcome = await connect(bob)
     assert welcome["members"] == ["alice", "bob"]
-    assert_event(await a.receive(), "join", user="bob", members=2)
-    assert await b.receive_nothing(), "the joiner learns the members from welcome"
+    assert (welcome["member_count"], welcome["members_more"]) == (2, False)
+    assert_event(await a.receive_presence(), "presence", joins=["bob"], leaves=[], members=2)
     await b.close()
-    assert_event(await a.receive(), "leave", user="bob", members=1)
+    assert_event(await a.receive_presence(), "presence", joins=[], leaves=["bob"], members=1)
+
+
+async def test_joins_within_an_interval_are_one_diff(connect, make_user, room, settings):
+    settings.CHAT_PRESENCE_INTERVAL_MS = 1000
+    a, _ = await connect(await db(make_user, "watcher"))
+    for index in range(5):
+        await connect(await db(make_user, f"user{index}"))
+    diff = await a.receive_presence(timeout=3)
+    assert_event(diff, "presence", members=6, leaves=[])
+    assert diff["joins"] == ["user0", "user1", "user2", "user3", "user4", "watcher"]
+    assert await a.presence_nothing(timeout=1.2)
+
+
+async def test_a_user_who_came_and_went_within_an_interval_is_reported_gone(
+    connect, alice, bob, room, settings
+):
+    settings.CHAT_PRESENCE_INTERVAL_MS = 500
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await b.close()
+    diff = await a.receive_presence(timeout=3)
+    assert_event(diff, "presence", joins=["alice"], leaves=["bob"], members=1)
 
 
 async def test_second_tab_does_not_emit_join(connect, alice, bob, room):
     a, _ = await connect(alice)
     await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     _, welcome = await connect(bob)
     assert welcome["members"] == ["alice", "bob"]
-    assert await a.receive_nothing()
+    assert await a.presence_nothing()
 
 
 async def test_leave_only_after_the_last_tab_closes(connect, alice, bob, room):
     a, _ = await connect(alice)
     b1, _ = await connect(bob)
     b2, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     await b1.close()
-    assert await a.receive_nothing()
+    assert await a.presence_nothing()
     assert await db(Connection.objects.filter(user=bob).count) == 1
     await b2.close()
-    assert_event(await a.receive(), "leave", user="bob", members=1)
+    assert_event(await a.receive_presence(), "presence", leaves=["bob"], members=1)
     assert await db(Connection.objects.filter(user=bob).count) == 0
+
+
+async def test_welcome_lists_a_first_page_of_members_and_the_rest_on_request(
+    connect, make_user, room, settings
+):
+    settings.CHAT_MEMBERS_PAGE = 2
+    for name in ("carol", "alice", "bob", "dave"):
+        await connect(await db(make_user, name))
+    watcher, welcome = await connect(await db(make_user, "erin"))
+    assert welcome["members"] == ["alice", "bob"]
+    assert (welcome["member_count"], welcome["members_more"]) == (5, True)
+    await watcher.send({"type": "members", "after": "bob"})
+    assert_event(
+        await watcher.receive(), "members", after="bob", members=["carol", "dave"],
+        has_more=True,
+    )
+    await watcher.send({"type": "members", "after": "dave"})
+    assert_event(await watcher.receive(), "members", members=["erin"], has_more=False)
 
 
 async def test_typing_goes_to_others_not_the_typist(connect, alice, bob, room):
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     await a.send({"type": "typing"})
     assert_event(await b.receive(), "typing", user="alice")
     assert await a.receive_nothing()
@@ -319,7 +360,7 @@ async def test_typing_is_throttled(connect, alice, bob, room, settings):
     settings.CHAT_TYPING_INTERVAL_SECONDS = 60
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     await a.send({"type": "typing"})
     await a.send({"type": "typing"})
     await b.receive_type("typing")
@@ -465,7 +506,7 @@ async def test_two_layer_instances_on_one_redis_fan_out(
     )
     a, _ = await connect(alice)
     b, _ = await connect(bob, app=second_worker)
-    assert_event(await a.receive(), "join", user="bob")
+    await a.wait_presence(joins=("bob",))
 
     from_b = await post(b, "from the second worker")
     assert await a.receive() == from_b

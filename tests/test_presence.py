@@ -32,12 +32,18 @@ def close_socket(channel: str) -> bool:
 
 
 def members(room: Room) -> list[str]:
-    return presence.room_members(room=room)
+    names, more = presence.room_members(room=room)
+    assert more is False
+    return names
+
+
+def diff(joins=(), leaves=(), members=0) -> dict[str, Any]:
+    return {"type": "presence", "joins": list(joins), "leaves": list(leaves), "members": members}
 
 
 @pytest.fixture
 def broadcasts(monkeypatch) -> list[tuple[str, dict[str, Any], str | None]]:
-    """Records the join/leave events presence broadcasts (slug, event, exclude)."""
+    """Records the presence diffs broadcast (slug, event, exclude)."""
     sent: list[tuple[str, dict[str, Any], str | None]] = []
 
     def record(slug: str, event: dict[str, Any], *, exclude_channel=None) -> None:
@@ -170,9 +176,7 @@ def test_sweep_sends_leave_only_for_users_with_no_live_socket(
     kill_worker("dead-worker")
     broadcasts.clear()
     presence.workers_sweep()
-    assert broadcasts == [
-        ("lobby", {"type": "leave", "user": "bob", "members": 2}, None)
-    ]
+    assert broadcasts == [("lobby", diff(leaves=["bob"], members=2), None)]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -189,8 +193,8 @@ def test_join_is_broadcast_for_the_first_socket_only(room, alice, bob, broadcast
     open_socket(room, alice, "a2")
     open_socket(room, bob, "b1")
     assert broadcasts == [
-        ("lobby", {"type": "join", "user": "alice", "members": 1}, "a1"),
-        ("lobby", {"type": "join", "user": "bob", "members": 2}, "b1"),
+        ("lobby", diff(joins=["alice"], members=1), None),
+        ("lobby", diff(joins=["bob"], members=2), None),
     ]
 
 
@@ -203,8 +207,8 @@ def test_leave_is_broadcast_for_the_last_socket_only(room, alice, bob, broadcast
     close_socket("a2")
     close_socket("b1")
     assert broadcasts == [
-        ("lobby", {"type": "leave", "user": "alice", "members": 1}, None),
-        ("lobby", {"type": "leave", "user": "bob", "members": 0}, None),
+        ("lobby", diff(leaves=["alice"], members=1), None),
+        ("lobby", diff(leaves=["bob"], members=0), None),
     ]
 
 
@@ -214,3 +218,20 @@ def test_refused_connection_broadcasts_nothing(room, alice, broadcasts):
     with pytest.raises(presence.TooManyConnections):
         open_socket(room, alice, "a2", max_per_user=1)
     assert len(broadcasts) == 1
+
+
+def test_a_diff_reports_each_user_as_they_are_now(room, alice, bob):
+    """Diffs of two workers may cross; each one carries the current truth."""
+    open_socket(room, alice, "a1")
+    open_socket(room, bob, "b1")
+    close_socket("b1")
+    event = presence.room_presence_diff(slug="lobby", usernames={"alice", "bob"})
+    assert event == diff(joins=["alice"], leaves=["bob"], members=1)
+
+
+def test_members_come_in_pages(room, make_user):
+    for name in ("dave", "alice", "carol", "bob"):
+        open_socket(room, make_user(name), f"{name}-1")
+    assert presence.room_members(room=room, limit=3) == (["alice", "bob", "carol"], True)
+    assert presence.room_members(room=room, after="carol", limit=3) == (["dave"], False)
+    assert presence.room_member_count(room=room) == 4

@@ -64,7 +64,7 @@ async def test_connect_while_redis_is_down_gets_1013_then_works_once_it_is_back(
     private_redis.start()
     a, _ = await connect(alice)
     b, _ = await connect(bob)
-    await a.receive_type("join")
+    await a.wait_presence(joins=("bob",))
     sent = await post(b, "back again")
     assert await a.receive() == sent
 

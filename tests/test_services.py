@@ -277,10 +277,24 @@ def test_welcome_without_since_sends_members_and_latest_page(five, alice, bob):
         "room": "lobby",
         "user": "alice",
         "members": ["alice", "bob"],
+        "member_count": 2,
+        "members_more": False,
         "has_more": True,
         "closed": False,
     }
     assert [m["seq"] for m in event["messages"]] == [4, 5]
+
+
+def test_welcome_lists_a_bounded_page_of_members(five, make_user, settings):
+    settings.CHAT_MEMBERS_PAGE = 2
+    for name in ("zack", "yuri", "xena"):
+        open_socket(five, make_user(name), f"{name}-1")
+    event = welcome(five, make_user("walt"), None)
+    assert (event["members"], event["member_count"], event["members_more"]) == (
+        ["xena", "yuri"],
+        3,
+        True,
+    )
 
 
 def test_welcome_with_since_sends_everything_missed_beyond_page_size(five, alice):

@@ -9,12 +9,12 @@ from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.settings import channel_layers_from_env
 
-IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+IN_MEMORY = {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
 
 
 def redis_hosts(redis_url: str) -> list[dict]:
     layers = channel_layers_from_env(redis_url)
-    assert layers["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert layers["default"]["BACKEND"] == "chat.hub.RedisHubLayer"
     return layers["default"]["CONFIG"]["hosts"]
 
 
@@ -82,7 +82,7 @@ def test_pubsub_layer_is_chosen_by_the_environment_with_the_same_hosts(monkeypat
     monkeypatch.setenv("CHAT_REDIS_LAYER", "pubsub")
     pubsub = channel_layers_from_env("redis://a:6379/0,redis://b:6380/1")["default"]
     assert pubsub["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
-    assert pubsub["CONFIG"] == core["CONFIG"]
+    assert pubsub["CONFIG"]["hosts"] == core["CONFIG"]["hosts"]
 
 
 def test_pubsub_layer_builds_pools_with_these_settings(monkeypatch):

@@ -1,0 +1,221 @@
+"""The per-worker fan-out hub, under the channel layer's group API.
+
+Consumers still `group_add` on connect, `group_discard` on disconnect and
+broadcast with `group_send`. A socket that registers a sink with its layer's hub
+joins a group in this process only; the hub joins the layer's group once for
+the whole process, so a broadcast crosses Redis once per worker and the hub
+hands it to every local sink of the group: no channel-layer message and no
+consumer dispatch per socket. Channels without a sink (a plain consumer, a test
+listening on a channel) keep the stock path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from channels.layers import InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+
+logger = logging.getLogger(__name__)
+
+# Key a group message carries across the layer, so that the hub of each worker
+# knows which of its groups it was sent to.
+GROUP_KEY = "__hub_group__"
+# Seconds to wait before reading the hub's channel again after a layer error.
+RETRY_SECONDS = 0.5
+
+
+class Sink(Protocol):
+    def hub_deliver(self, message: dict[str, Any]) -> bool:
+        """Takes a group message for one socket; False: deliver it the stock way."""
+
+
+class Hub:
+    """The sockets of one process by group, and the process's membership upstream."""
+
+    def __init__(self, layer: HubLayerMixin) -> None:
+        self.layer = layer
+        self.sinks: dict[str, Sink] = {}
+        self.members: dict[str, set[str]] = {}
+        # Groups the hub's own channel has joined on the layer, with the time of
+        # the last join (it is refreshed before the layer's group expiry).
+        self.joined: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._channel: str | None = None
+        self._reader: asyncio.Task | None = None
+
+    # -- sockets -------------------------------------------------------------
+
+    def attach(self, channel: str, sink: Sink) -> None:
+        """Registers the sink of a socket of this process."""
+        self.sinks[channel] = sink
+
+    def detach(self, channel: str) -> None:
+        """Forgets a socket (its groups are left with group_discard first)."""
+        self.sinks.pop(channel, None)
+
+    def local_groups(self) -> list[str]:
+        return [group for group, channels in self.members.items() if channels]
+
+    # -- membership ----------------------------------------------------------
+
+    async def add(self, group: str, channel: str) -> None:
+        self.members.setdefault(group, set()).add(channel)
+        if not self.layer.hub_upstream:
+            return
+        # A second socket must not return before the first one's upstream join
+        # is done: it would read its backlog while broadcasts could still miss it.
+        async with self._lock(group):
+            if group not in self.joined and self.members.get(group):
+                await self.layer.upstream_group_add(group, await self.channel())
+                self.joined[group] = time.monotonic()
+
+    async def discard(self, group: str, channel: str) -> None:
+        channels = self.members.get(group)
+        if channels is not None:
+            channels.discard(channel)
+        if channels:
+            return
+        self.members.pop(group, None)
+        if not self.layer.hub_upstream:
+            return
+        async with self._lock(group):
+            if group in self.joined and not self.members.get(group):
+                del self.joined[group]
+                await self.layer.upstream_group_discard(group, await self.channel())
+
+    async def refresh(self, older_than: float) -> int:
+        """Joins again the groups joined more than `older_than` seconds ago."""
+        if not self.layer.hub_upstream:
+            return 0
+        now = time.monotonic()
+        stale = [group for group, at in self.joined.items() if now - at > older_than]
+        for group in stale:
+            await self.layer.upstream_group_add(group, await self.channel())
+            self.joined[group] = time.monotonic()
+        return len(stale)
+
+    def forget_upstream(self) -> None:
+        """Called when the layer's server lost every group (a Redis restart)."""
+        self.joined.clear()
+
+    def _lock(self, group: str) -> asyncio.Lock:
+        lock = self._locks.get(group)
+        if lock is None:
+            lock = self._locks[group] = asyncio.Lock()
+        return lock
+
+    # -- delivery ------------------------------------------------------------
+
+    def dispatch(self, group: str, message: dict[str, Any]) -> int:
+        """Hands a group message to every local sink of `group`; returns how many."""
+        channels = self.members.get(group)
+        if not channels:
+            return 0
+        delivered = 0
+        for channel in tuple(channels):
+            sink = self.sinks.get(channel)
+            if sink is None:
+                continue
+            if not sink.hub_deliver(message):
+                self._forward(channel, message)
+            delivered += 1
+        return delivered
+
+    def _forward(self, channel: str, message: dict[str, Any]) -> None:
+        # A message the sink does not take on the fast path (a kick) goes to
+        # the socket's own channel, to its consumer's handler, as in Channels.
+        task = asyncio.ensure_future(self.layer.upstream_send(channel, dict(message)))
+        task.add_done_callback(_log_failure)
+
+    # -- the hub's channel (upstream layers only) -----------------------------
+
+    async def channel(self) -> str:
+        if self._channel is None:
+            self._channel = await self.layer.new_channel()
+        self.ensure_reader()
+        return self._channel
+
+    def ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = self._reader
+        if reader is None or reader.done() or reader.get_loop() is not loop:
+            self._reader = loop.create_task(self._read(), name="chat-hub-reader")
+
+    async def _read(self) -> None:
+        channel = await self.channel()
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("hub: reading the layer failed; retrying", exc_info=True)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            group = message.pop(GROUP_KEY, None)
+            if group is not None:
+                self.dispatch(group, message)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("hub: forwarding a message failed: %r", task.exception())
+
+
+class HubLayerMixin:
+    """The group API of a channel layer, with the hub under it for local sinks."""
+
+    # True when the layer spans processes: the hub then joins upstream groups.
+    hub_upstream = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hub = Hub(self)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if channel in self.hub.sinks:
+            self.require_valid_group_name(group)
+            await self.hub.add(group, channel)
+        else:
+            await super().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        if channel in self.hub.sinks or channel in self.hub.members.get(group, ()):
+            await self.hub.discard(group, channel)
+        else:
+            await super().group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        await super().group_send(group, {**message, GROUP_KEY: group})
+
+    async def upstream_group_add(self, group: str, channel: str) -> None:
+        await super().group_add(group, channel)
+
+    async def upstream_group_discard(self, group: str, channel: str) -> None:
+        await super().group_discard(group, channel)
+
+    async def upstream_send(self, channel: str, message: dict[str, Any]) -> None:
+        message.pop(GROUP_KEY, None)
+        await super().send(channel, message)
+
+
+class InMemoryHubLayer(HubLayerMixin, InMemoryChannelLayer):
+    """The in-memory layer (one process) with the hub: broadcasts go straight to it."""
+
+    hub_upstream = False
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        self.require_valid_group_name(group)
+        self.hub.dispatch(group, message)
+        # Channels without a sink (if any) get it the stock way; the stock
+        # group_send walks every channel of the process, so only when needed.
+        if self.groups.get(group):
+            await InMemoryChannelLayer.group_send(self, group, message)
+
+
+class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
+    """channels_redis's layer with the hub: one group member per worker process."""

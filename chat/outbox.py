@@ -1,0 +1,162 @@
+"""The bounded outgoing queue of one socket, and the task that writes it.
+
+Broadcasts are appended without waiting; one writer task per socket sends what
+is queued (as one frame for a client that asked for batches), so a slow reader
+never slows the room. A socket that falls too far behind (too many frames or
+bytes queued) or whose transport has not drained for a set time is closed with
+4008: it reconnects and resumes with ?since, so it loses nothing it cannot get
+back. The gorilla chat hub's writePump and its `send` channel are the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+# Seconds between looks at a transport that is not draining.
+BACKLOG_POLL_SECONDS = 0.05
+
+REASON_FRAMES = "frames"
+REASON_BYTES = "bytes"
+REASON_STALLED = "stalled"
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    """How far behind a socket may fall (from settings, at connect)."""
+
+    max_frames: int
+    max_bytes: int
+    stall_seconds: float
+    # Bytes the server's transport may hold unsent before the writer waits.
+    transport_high_water: int
+
+
+class Outbox:
+    """Frames queued for one socket; `start` begins writing them."""
+
+    def __init__(
+        self,
+        send_text: Callable[[str], Awaitable[None]],
+        *,
+        limits: OutboxLimits,
+        batch: bool,
+        on_overflow: Callable[[str, int], Awaitable[None]],
+        backlog: Callable[[], int] | None = None,
+        on_sent: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._send_text = send_text
+        self.limits = limits
+        self.batch = batch
+        self._on_overflow = on_overflow
+        self._backlog = backlog
+        self._on_sent = on_sent
+        self.queue: deque[str] = deque()
+        self.queued_bytes = 0
+        self.peak_frames = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def push(self, text: str) -> None:
+        """Queues one event's JSON text; closes the socket when over the bound."""
+        if self.closed:
+            return
+        size = len(text)
+        if len(self.queue) >= self.limits.max_frames:
+            self._overflow(REASON_FRAMES)
+            return
+        if self.queued_bytes + size > self.limits.max_bytes:
+            self._overflow(REASON_BYTES)
+            return
+        self.queue.append(text)
+        self.queued_bytes += size
+        if len(self.queue) > self.peak_frames:
+            self.peak_frames = len(self.queue)
+        self._wake.set()
+
+    def start(self) -> None:
+        """Begins writing (after `welcome`, which must go first)."""
+        if self._task is None and not self.closed:
+            self._task = asyncio.get_running_loop().create_task(self._write())
+
+    def stop(self) -> None:
+        """Drops what is queued and ends the writer."""
+        self.closed = True
+        self.queue.clear()
+        self.queued_bytes = 0
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    def _overflow(self, reason: str) -> None:
+        dropped = len(self.queue)
+        self.stop()
+        logger.info("closing a slow socket (%s): %d frame(s) dropped", reason, dropped)
+        task = asyncio.ensure_future(self._on_overflow(reason, dropped))
+        task.add_done_callback(_log_failure)
+
+    async def _write(self) -> None:
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.queue and not self.closed:
+                if not await self._transport_ready():
+                    return
+                await self._send_queued()
+
+    async def _transport_ready(self) -> bool:
+        # daphne has no write backpressure (daphne#170): its send never waits,
+        # so look at what its transport still holds, and wait while it is full.
+        if self._backlog is None or self._backlog() <= self.limits.transport_high_water:
+            return True
+        blocked_since = time.monotonic()
+        while self._backlog() > self.limits.transport_high_water:
+            if time.monotonic() - blocked_since > self.limits.stall_seconds:
+                self._overflow(REASON_STALLED)
+                return False
+            await asyncio.sleep(BACKLOG_POLL_SECONDS)
+            if self.closed:
+                return False
+        return True
+
+    async def _send_queued(self) -> None:
+        queue = self.queue
+        if self.batch:
+            texts = list(queue)
+            queue.clear()
+            self.queued_bytes = 0
+            await self._send_with_deadline("[" + ",".join(texts) + "]")
+            frames, events = 1, len(texts)
+        else:
+            text = queue.popleft()
+            self.queued_bytes -= len(text)
+            await self._send_with_deadline(text)
+            frames = events = 1
+        if self._on_sent is not None:
+            self._on_sent(frames, events)
+
+    async def _send_with_deadline(self, text: str) -> None:
+        if self._backlog is not None:
+            # The transport is watched (daphne): its send does not wait.
+            await self._send_text(text)
+            return
+        # A server with backpressure (uvicorn) makes send wait while the client
+        # does not read: the same stall bound applies.
+        try:
+            await asyncio.wait_for(self._send_text(text), self.limits.stall_seconds)
+        except asyncio.TimeoutError:
+            self._overflow(REASON_STALLED)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("closing a slow socket failed: %r", task.exception())

@@ -1,0 +1,62 @@
+"""What daphne's transport still holds for a socket, visible to the application.
+
+daphne has no write backpressure (daphne#170): a send never waits, and a client
+that stops reading makes Twisted buffer for it without limit. `install` (run by
+chatproject.asgi, so it holds under plain `daphne` too) puts a probe into each
+WebSocket scope; the socket's writer looks at it and waits while it is full.
+Under a server with backpressure (uvicorn) there is no probe: its send waits.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+# The scope extension that carries the probe.
+EXTENSION = "chat.transport"
+
+
+class TransportProbe:
+    """Reads the unsent bytes of one daphne WebSocket's Twisted transport."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = weakref.ref(protocol)
+
+    def buffered(self) -> int:
+        """Returns the bytes written but not yet taken by the kernel (0 if gone)."""
+        protocol = self._protocol()
+        transport = getattr(protocol, "transport", None)
+        if transport is None:
+            return 0
+        # twisted.internet.abstract.FileDescriptor keeps unsent data in
+        # dataBuffer (from offset on) and in _tempDataBuffer (_tempDataLen).
+        data = getattr(transport, "dataBuffer", b"")
+        offset = getattr(transport, "offset", 0)
+        return len(data) - offset + getattr(transport, "_tempDataLen", 0)
+
+
+def scope_probe(scope: dict[str, Any]) -> TransportProbe | None:
+    """Returns the probe of a socket's scope, or None (no daphne, or unknown)."""
+    return (scope.get("extensions") or {}).get(EXTENSION)
+
+
+def install() -> bool:
+    """Adds the probe to every WebSocket scope daphne builds; True if daphne is here."""
+    try:
+        from daphne.server import Server
+    except ImportError:
+        return False
+    if getattr(Server.create_application, "chat_probe", False):
+        return True
+    create_application = Server.create_application
+
+    def create_application_with_probe(self, protocol, scope):
+        if scope.get("type") == "websocket":
+            extensions = dict(scope.get("extensions") or {})
+            extensions[EXTENSION] = TransportProbe(protocol)
+            scope["extensions"] = extensions
+        return create_application(self, protocol, scope)
+
+    create_application_with_probe.chat_probe = True
+    Server.create_application = create_application_with_probe
+    return True
