@@ -102,6 +102,12 @@ class Hub:
         """Called when the layer's server lost every group (a Redis restart)."""
         self.joined.clear()
 
+    def stop_reader(self) -> None:
+        """Ends the reader (the layer's connections are being closed)."""
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        self._reader = None
+
     def _lock(self, group: str) -> asyncio.Lock:
         lock = self._locks.get(group)
         if lock is None:
@@ -219,3 +225,12 @@ class InMemoryHubLayer(HubLayerMixin, InMemoryChannelLayer):
 
 class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     """channels_redis's layer with the hub: one group member per worker process."""
+
+    async def flush(self) -> None:
+        # Every group is gone with the flush: join again on the next add.
+        self.hub.forget_upstream()
+        await super().flush()
+
+    async def close_pools(self) -> None:
+        self.hub.stop_reader()
+        await super().close_pools()

@@ -134,15 +134,15 @@ class Outbox:
             texts = list(queue)
             queue.clear()
             self.queued_bytes = 0
-            await self._send_with_deadline("[" + ",".join(texts) + "]")
-            frames, events = 1, len(texts)
+            text = "[" + ",".join(texts) + "]"
         else:
-            text = queue.popleft()
+            texts = [queue.popleft()]
+            text = texts[0]
             self.queued_bytes -= len(text)
-            await self._send_with_deadline(text)
-            frames = events = 1
+        # Counted as it is handed to the server, before the send may wait.
         if self._on_sent is not None:
-            self._on_sent(frames, events)
+            self._on_sent(1, len(texts))
+        await self._send_with_deadline(text)
 
     async def _send_with_deadline(self, text: str) -> None:
         if self._backlog is not None:

@@ -1,0 +1,362 @@
+"""The fan-out hub under the layer's group API, and the sockets' bounded outboxes.
+
+Run on the in-memory layer and on channels_redis with a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from channels.layers import get_channel_layer
+from django.test.utils import CaptureQueriesContext
+from django.db import connection
+
+from chat import metrics, presence, protocol, services
+from chat.broadcast import broadcast_room_async
+from chat.hub import GROUP_KEY
+from chat.models import Room
+from tests.conftest import assert_event, db, post
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def hub():
+    return get_channel_layer().hub
+
+
+def typing(user: str) -> dict:
+    return protocol.event_typing(user=user)
+
+
+async def test_a_room_broadcast_reaches_each_socket_once(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    message = await post(a, "hello")
+    assert await b.receive() == message
+    assert await a.receive_nothing() and await b.receive_nothing()
+
+
+async def test_a_socket_in_two_rooms_gets_each_rooms_broadcast_once(
+    connect, alice, bob, room
+):
+    await db(Room.objects.create, slug="other")
+    a_lobby, _ = await connect(alice)
+    a_other, _ = await connect(alice, room="other")
+    b_other, _ = await connect(bob, room="other")
+    in_other = await post(b_other, "in other")
+    assert await a_other.receive() == in_other
+    assert await a_lobby.receive_nothing(), "no leak into the other room"
+    in_lobby = await post(a_lobby, "in lobby")
+    assert in_lobby["room"] == "lobby"
+    assert await a_other.receive_nothing() and await b_other.receive_nothing()
+
+
+async def test_a_socket_closing_mid_broadcast_breaks_nothing(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    leaving, _ = await connect(bob)
+    group = protocol.room_group_name("lobby")
+
+    async def send_all() -> None:
+        for n in range(20):
+            await broadcast_room_async("lobby", typing(f"u{n}"))
+
+    # Close one socket while broadcasts to its room are on their way.
+    sending = asyncio.ensure_future(send_all())
+    await leaving.close()
+    await sending
+    for client in (a, b):
+        users = [(await client.receive())["user"] for _ in range(20)]
+        assert users == [f"u{n}" for n in range(20)]
+    assert len(hub().members[group]) == 2
+    assert await a.receive_nothing()
+
+
+async def test_a_closed_socket_leaves_the_hub(connect, alice, room):
+    a, _ = await connect(alice)
+    group = protocol.room_group_name("lobby")
+    assert len(hub().members[group]) == 1 and len(hub().sinks) == 1
+    await a.close()
+    assert group not in hub().members
+    assert hub().sinks == {}
+
+
+async def test_a_kick_still_takes_the_consumers_own_path(connect, alice, room):
+    """Messages the hub does not take itself (a kick) reach the consumer's handler."""
+    from chat.broadcast import kick_user_async
+
+    a, _ = await connect(alice)
+    await kick_user_async(alice.pk, "lobby")
+    assert await a.receive_close() == protocol.CLOSE_FORBIDDEN
+
+
+async def test_a_channel_without_a_sink_keeps_the_stock_path(connect, alice, room):
+    """A plain listener on the layer (no hub sink) still gets group messages."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    group = protocol.room_group_name("lobby")
+    await layer.group_add(group, channel)
+    a, _ = await connect(alice)
+    message = await post(a, "to everyone")
+    received = await asyncio.wait_for(layer.receive(channel), 3)
+    assert json.loads(received["text"]) == message
+    await layer.group_discard(group, channel)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_redis_holds_one_group_member_per_worker_not_per_socket(
+    connect, make_user, room, redis_server
+):
+    import redis.asyncio
+
+    for index in range(5):
+        await connect(await db(make_user, f"user{index}"))
+    layer = get_channel_layer()
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        key = layer._group_key(protocol.room_group_name("lobby"))
+        assert await client.zcard(key) == 1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
+    connect, alice, bob, room, redis_server, settings
+):
+    """Two layers on one Redis are two workers; only one has a socket in the room."""
+    import redis.asyncio
+
+    from tests.conftest import redis_layer_config
+
+    settings.CHANNEL_LAYERS = {
+        "default": redis_layer_config(redis_server.url),
+        "second": redis_layer_config(redis_server.url),
+    }
+    await db(Room.objects.create, slug="other")
+    a, _ = await connect(alice)
+    second = get_channel_layer("second")
+    b_channel = await second.new_channel()
+    second.hub.attach(b_channel, _Recorder())
+    await second.group_add(protocol.room_group_name("other"), b_channel)
+    await post(a, "lobby only")
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        lobby_key = get_channel_layer()._group_key(protocol.room_group_name("lobby"))
+        members = await client.zrange(lobby_key, 0, -1)
+        assert len(members) == 1
+        assert not any(
+            member.decode().startswith(f"specific.{second.client_prefix}!")
+            for member in members
+        )
+        assert second.hub.sinks[b_channel].messages == []
+    finally:
+        await client.aclose()
+        await second.group_discard(protocol.room_group_name("other"), b_channel)
+        await second.flush()
+        await second.close_pools()
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    def hub_deliver(self, message: dict) -> bool:
+        self.messages.append(message)
+        return True
+
+
+async def test_the_group_key_never_reaches_a_socket(connect, alice, bob, room):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    sent = await post(a, "plain")
+    frame = await b.receive()
+    assert frame == sent and GROUP_KEY not in frame
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+async def test_a_batch_client_gets_queued_events_as_one_array(connect, alice, room):
+    a, welcome = await connect(alice, subprotocols=[protocol.SUBPROTOCOL_BATCH])
+    assert a.raw[0].startswith("[") and welcome["type"] == "welcome"
+    group = protocol.room_group_name("lobby")
+    # Queued all at once (no await in between): the writer finds them together.
+    for n in range(3):
+        hub().dispatch(group, _chat_event(typing(f"u{n}")))
+    users = [(await a.receive())["user"] for _ in range(3)]
+    assert users == ["u0", "u1", "u2"]
+    assert a.raw[-1] == "[" + ",".join(
+        protocol.encode(typing(f"u{n}")) for n in range(3)
+    ) + "]"
+
+
+async def test_a_client_without_batches_gets_one_event_per_frame(connect, alice, room):
+    a, _ = await connect(alice)
+    assert a.raw[0].startswith("{")
+    group = protocol.room_group_name("lobby")
+    for n in range(3):
+        hub().dispatch(group, _chat_event(typing(f"u{n}")))
+    users = [(await a.receive())["user"] for _ in range(3)]
+    assert users == ["u0", "u1", "u2"]
+    assert a.raw[-3:] == [protocol.encode(typing(f"u{n}")) for n in range(3)]
+
+
+def _chat_event(event: dict) -> dict:
+    return {"type": "chat.event", "text": protocol.encode(event)}
+
+
+# ---------------------------------------------------------------------------
+# Slow readers
+# ---------------------------------------------------------------------------
+
+
+async def test_a_socket_over_its_queue_bound_is_closed_as_too_slow(
+    connect, alice, bob, room, settings
+):
+    settings.CHAT_SEND_QUEUE_FRAMES = 5
+    slow, _ = await connect(alice)
+    other, _ = await connect(bob, room="lobby")
+    closes = _slow_closes("frames")
+    group = protocol.room_group_name("lobby")
+    # Ten events queued before the writer runs: the sixth overflows the bound.
+    for n in range(10):
+        hub().dispatch(group, _chat_event(typing(f"u{n}")))
+    assert await slow.receive_close() == protocol.CLOSE_TOO_SLOW
+    assert _slow_closes("frames") == closes + 2, "both sockets fell behind alike"
+    assert await other.receive_close() == protocol.CLOSE_TOO_SLOW
+
+
+async def test_a_slow_socket_does_not_hold_up_the_others(connect, alice, bob, room, settings):
+    settings.CHAT_SEND_QUEUE_FRAMES = 5
+    slow, _ = await connect(alice)
+    fast, _ = await connect(bob)
+    group = protocol.room_group_name("lobby")
+    slow_sink = next(
+        sink for sink in hub().sinks.values() if sink.user.pk == alice.pk
+    )
+    # Only the slow socket's queue is already full.
+    for n in range(5):
+        slow_sink.outbox.push(protocol.encode(typing("filler")))
+    hub().dispatch(group, _chat_event(typing("everyone")))
+    assert await slow.receive_close() == protocol.CLOSE_TOO_SLOW
+    assert_event(await fast.receive(), "typing", user="everyone")
+
+
+def _slow_closes(reason: str) -> float:
+    return metrics.SLOW_CLOSES.labels(worker=metrics.WORKER_ID, reason=reason)._value.get()
+
+
+# ---------------------------------------------------------------------------
+# A cheap connect
+# ---------------------------------------------------------------------------
+
+
+def test_a_handshake_is_one_database_call_of_a_fixed_number_of_queries(
+    room, alice, bob, monkeypatch
+):
+    noted: list[tuple[str, str]] = []
+    monkeypatch.setattr(presence.diffs, "note", lambda slug, user: noted.append((slug, user)))
+    services.socket_open(
+        slug="lobby", user=bob, channel_name="b1", address="127.0.0.1", since=None
+    )
+    with CaptureQueriesContext(connection) as queries:
+        opened_room, welcome = services.socket_open(
+            slug="lobby", user=alice, channel_name="a1", address="127.0.0.1", since=None
+        )
+    assert opened_room == room and welcome["members"] == ["alice", "bob"]
+    assert noted == [("lobby", "bob"), ("lobby", "alice")]
+    # room, ban, [savepoint, room lock, lease, socket count, first?, insert,
+    # release], backlog, members page.
+    assert len(queries) == 11, "\n".join(q["sql"] for q in queries)
+
+
+# ---------------------------------------------------------------------------
+# The outbox alone
+# ---------------------------------------------------------------------------
+
+
+def outbox_for(sent: list[str], closed: list[tuple[str, int]], **kwargs):
+    from chat.outbox import Outbox, OutboxLimits
+
+    async def send_text(text: str) -> None:
+        sent.append(text)
+
+    async def on_overflow(reason: str, dropped: int) -> None:
+        closed.append((reason, dropped))
+
+    limits = dict(max_frames=100, max_bytes=10_000, stall_seconds=0.3,
+                  transport_high_water=1000)
+    limits.update(kwargs.pop("limits", {}))
+    return Outbox(send_text, limits=OutboxLimits(**limits), on_overflow=on_overflow,
+                  **{"batch": False, **kwargs})
+
+
+async def test_an_outbox_closes_a_socket_whose_transport_does_not_drain():
+    sent: list[str] = []
+    closed: list[tuple[str, int]] = []
+    outbox = outbox_for(sent, closed, backlog=lambda: 5000)
+    outbox.start()
+    outbox.push('"a"')
+    outbox.push('"b"')
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if closed:
+            break
+    assert closed == [("stalled", 2)] and sent == []
+
+
+async def test_an_outbox_waits_for_its_transport_and_then_sends_in_order():
+    sent: list[str] = []
+    closed: list[tuple[str, int]] = []
+    backlog = [5000]
+    outbox = outbox_for(sent, closed, backlog=lambda: backlog[0], batch=True)
+    outbox.start()
+    for text in ('"a"', '"b"', '"c"'):
+        outbox.push(text)
+    await asyncio.sleep(0.1)
+    assert sent == []
+    backlog[0] = 0
+    for _ in range(20):
+        await asyncio.sleep(0.05)
+        if sent:
+            break
+    assert sent == ['["a","b","c"]'] and closed == []
+
+
+async def test_an_outbox_bounds_its_bytes():
+    sent: list[str] = []
+    closed: list[tuple[str, int]] = []
+    outbox = outbox_for(sent, closed, limits={"max_bytes": 10})
+    outbox.push('"12345"')
+    outbox.push('"67890"')
+    await asyncio.sleep(0)
+    assert closed == [("bytes", 1)] and len(outbox) == 0
+
+
+async def test_a_send_that_waits_too_long_counts_as_stalled():
+    """Under a server with backpressure (no transport probe) send itself waits."""
+    closed: list[tuple[str, int]] = []
+
+    async def never(text: str) -> None:
+        await asyncio.sleep(3600)
+
+    from chat.outbox import Outbox, OutboxLimits
+
+    async def on_overflow(reason: str, dropped: int) -> None:
+        closed.append((reason, dropped))
+
+    outbox = Outbox(never, limits=OutboxLimits(100, 10_000, 0.2, 1000), batch=False,
+                    on_overflow=on_overflow)
+    outbox.start()
+    outbox.push('"a"')
+    outbox.push('"b"')
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if closed:
+            break
+    assert closed == [("stalled", 1)]
