@@ -87,7 +87,15 @@ class ConnectionInline(ViewOnlyMixin, admin.TabularInline):
     model = Connection
     verbose_name = "open socket"
     verbose_name_plural = "open sockets (live workers only)"
-    fields = ["user", "worker", "connected_at", "address", "channel_name"]
+    fields = [
+        "user",
+        "worker",
+        "connected_at",
+        "address",
+        "queued_events",
+        "peak_queued_events",
+        "channel_name",
+    ]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -365,7 +373,15 @@ class ConnectionAdmin(ViewOnlyMixin, admin.ModelAdmin):
     # Rows come from open sockets only; deleting one would not close the
     # socket (kick instead).
     deletable = False
-    list_display = ["user", "room", "worker", "connected_at", "address"]
+    list_display = [
+        "user",
+        "room",
+        "worker",
+        "connected_at",
+        "address",
+        "queued_events",
+        "peak_queued_events",
+    ]
     list_filter = [LiveFilter, "room", "worker"]
     search_fields = ["user__username", "room__slug", "worker", "address"]
     list_select_related = ["user", "room"]
@@ -467,8 +483,8 @@ class ModerationActionAdmin(ViewOnlyMixin, admin.ModelAdmin):
 
 @admin.register(Worker)
 class WorkerAdmin(ViewOnlyMixin, admin.ModelAdmin):
-    list_display = ["id", "started_at", "heartbeat_at", "alive", "sockets"]
-    readonly_fields = ["id", "started_at", "heartbeat_at"]
+    list_display = ["id", "started_at", "heartbeat_at", "alive", "sockets", "slow_closes"]
+    readonly_fields = ["id", "started_at", "heartbeat_at", "slow_closes"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("-heartbeat_at")

@@ -318,6 +318,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def close_too_slow(self, reason: str, dropped: int) -> None:
         """Called by the outbox when this socket fell too far behind."""
         metrics.slow_close(reason, dropped)
+        worker.socket_closed_too_slow()
         logger.info(
             "closing socket of user %s in %s with %d: too slow (%s)",
             self.user.pk,

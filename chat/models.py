@@ -72,6 +72,9 @@ class Worker(models.Model):
     id = models.CharField(max_length=200, primary_key=True)
     started_at = models.DateTimeField(auto_now_add=True)
     heartbeat_at = models.DateTimeField(db_index=True)
+    # Sockets this worker closed with 4008 for falling behind (as of its last
+    # heartbeat; /metrics has the live figure).
+    slow_closes = models.PositiveIntegerField(default=0)
 
     def __str__(self) -> str:
         return self.id
@@ -90,6 +93,10 @@ class Connection(models.Model):
     worker = models.CharField(max_length=200, db_index=True)
     address = models.CharField(max_length=100, blank=True)
     connected_at = models.DateTimeField(auto_now_add=True)
+    # Events waiting in the socket's outgoing queue, and the most it held, as
+    # of its worker's last heartbeat (shown by the admin).
+    queued_events = models.PositiveIntegerField(default=0)
+    peak_queued_events = models.PositiveIntegerField(default=0)
 
     class Meta:
         indexes = [models.Index(fields=["room", "user"], name="connection_room_user")]

@@ -67,6 +67,19 @@ def worker_heartbeat(*, worker_id: str = WORKER_ID) -> None:
         Worker.objects.get_or_create(id=worker_id, defaults={"heartbeat_at": now})
 
 
+def send_queues_report(
+    *, figures: dict[str, tuple[int, int]], slow_closes: int, worker_id: str = WORKER_ID
+) -> None:
+    """Stores this worker's queue figures per socket, for the admin."""
+    for channel_name, (queued, peak) in figures.items():
+        Connection.objects.filter(channel_name=channel_name).update(
+            queued_events=queued, peak_queued_events=peak
+        )
+    Worker.objects.filter(id=worker_id).exclude(slow_closes=slow_closes).update(
+        slow_closes=slow_closes
+    )
+
+
 def workers_sweep() -> int:
     """Forgets every socket of a worker whose lease ran out; returns how many.
 

@@ -58,7 +58,44 @@ def open_socket_count() -> int:
 
 def queued_events() -> int:
     """Returns the events queued in the outboxes of this process's sockets."""
-    return sum(len(outbox) for outbox in (getattr(c, "outbox", None) for c in list(_sockets)) if outbox)
+    return sum(len(figures[0]) for figures in _outboxes())
+
+
+def _outboxes() -> list:
+    return [
+        (consumer.outbox, consumer.channel_name)
+        for consumer in list(_sockets)
+        if getattr(consumer, "outbox", None) is not None
+    ]
+
+
+_slow_closes = 0
+# What the admin was last told of each socket's queue: channel -> (now, peak).
+_reported: dict[str, tuple[int, int]] = {}
+
+
+def socket_closed_too_slow() -> None:
+    """Counts a socket closed with 4008 (reported with the lease)."""
+    global _slow_closes
+    _slow_closes += 1
+
+
+async def report_send_queues() -> int:
+    """Writes the queue figures that changed to the sockets' rows; returns how many."""
+    current = {
+        channel: (len(outbox), outbox.peak_frames) for outbox, channel in _outboxes()
+    }
+    changed = {
+        channel: figures
+        for channel, figures in current.items()
+        if _reported.get(channel, (0, 0)) != figures
+    }
+    await database_sync_to_async(presence.send_queues_report)(
+        figures=changed, slow_closes=_slow_closes
+    )
+    _reported.clear()
+    _reported.update(current)
+    return len(changed)
 
 
 async def close_all_sockets(code: int) -> int:
@@ -188,6 +225,7 @@ async def _worker_loop() -> None:
             if not is_draining():
                 await database_sync_to_async(presence.worker_heartbeat)()
             await database_sync_to_async(presence.workers_sweep)()
+            await report_send_queues()
         except Exception:
             # A database outage must not end the loop: the lease is renewed
             # again once it answers.

@@ -360,3 +360,27 @@ async def test_a_send_that_waits_too_long_counts_as_stalled():
         if closed:
             break
     assert closed == [("stalled", 1)]
+
+
+async def test_queue_figures_and_slow_closes_reach_the_admin(
+    connect, alice, room, settings, admin_client
+):
+    from chat import worker
+    from chat.models import Connection, Worker
+
+    a, _ = await connect(alice)
+    group = protocol.room_group_name("lobby")
+    for n in range(3):
+        hub().dispatch(group, _chat_event(typing(f"u{n}")))
+    for _ in range(3):
+        await a.receive()
+    worker.socket_closed_too_slow()
+    assert await worker.report_send_queues() >= 1
+    row = await db(Connection.objects.get, user=alice)
+    assert (row.queued_events, row.peak_queued_events) == (0, 3)
+    lease = await db(Worker.objects.get, id=presence.WORKER_ID)
+    assert lease.slow_closes >= 1
+    page = await db(admin_client.get, "/admin/chat/connection/")
+    assert b"peak queued events" in page.content.lower()
+    page = await db(admin_client.get, "/admin/chat/worker/")
+    assert b"slow closes" in page.content.lower()
