@@ -1,5 +1,6 @@
 // The chat pages. The lobby polls its room list; the room page holds one
-// WebSocket to /ws/chat/<room>/ that reconnects with backoff and resumes with
+// WebSocket to /ws/chat/<room>/ (subprotocol chat.batch: every server frame is
+// an array of events) that reconnects with backoff and resumes with
 // ?since=<last seq>. User text is only ever set with textContent.
 (function () {
   "use strict";
@@ -179,6 +180,13 @@
       4404: "This room does not exist.",
       4429: "Too many open chat tabs. Close one and reload.",
     };
+    // Everything else reconnects with backoff and resumes with ?since: 1001
+    // (worker going away), 1006 (dropped), 1009, 1012 (Redis restarted), 1013
+    // (try again later) and 4008, "too slow": the server dropped what it had
+    // queued for this socket, and the resume gets all of it back.
+    const CLOSE_TOO_SLOW = 4008;
+    // Asked for in the handshake: the server then sends arrays of events.
+    const SUBPROTOCOL_BATCH = "chat.batch";
     const BACKOFF_BASE_MS = 500;
     const BACKOFF_CAP_MS = 60000;
     const STABLE_AFTER_MS = 10000;
@@ -197,6 +205,7 @@
     const newMessagesButton = document.getElementById("new-messages");
     const membersEl = document.getElementById("members");
     const memberCount = document.getElementById("member-count");
+    const membersMoreButton = document.getElementById("members-more");
     const statusText = document.getElementById("status-text");
     const reconnectNow = document.getElementById("reconnect-now");
     const closedBanner = document.getElementById("room-closed");
@@ -216,7 +225,11 @@
     let lastSeq = 0; // highest seq received
     const shown = new Set(); // seqs received (rendered, or deleted since)
     const outbox = new Map(); // client_id -> text, until the server echoes it
-    const members = new Set();
+    const members = new Set(); // the names listed (the server's pages, and joins since)
+    let memberTotal = 0; // the server's count of users in the room
+    let membersMore = false; // names after `membersCursor` are not loaded yet
+    let membersCursor = null; // the last name of the pages the server sent
+    let membersAfter = null; // the `after` of the `members` request in flight
     const typers = new Map(); // user -> timer
     let lastTypingSent = 0;
     let typingTimer = null;
@@ -254,40 +267,54 @@
         return; // the "online" event calls us again
       }
       setState(attempt === 0 ? "connecting" : "reconnecting", "Connecting…", false);
-      const ws = new WebSocket(socketUrl());
+      const ws = new WebSocket(socketUrl(), [SUBPROTOCOL_BATCH]);
       socket = ws;
       ws.addEventListener("open", () => {
         openedAt = Date.now();
       });
       ws.addEventListener("message", (event) => {
         if (ws !== socket) return;
-        let frame;
+        let data;
         try {
-          frame = JSON.parse(event.data);
+          data = JSON.parse(event.data);
         } catch (err) {
           console.error("unreadable frame", event.data);
           return;
         }
-        handle(frame);
+        // With chat.batch (ws.protocol) a frame is an array of events, else
+        // one event; an array is taken as a batch either way.
+        handleAll(ws, Array.isArray(data) ? data : [data]);
       });
       ws.addEventListener("close", (event) => {
         if (ws !== socket) return;
-        socket = null;
-        olderBefore = null;
-        holeBefore = null;
-        list.removeAttribute("aria-busy");
-        outbox.forEach((text, clientId) => markPending(clientId, "waiting for the connection…"));
+        const stable = openedAt && Date.now() - openedAt >= STABLE_AFTER_MS;
+        forgetSocket();
         if (event.code in CLOSE_REASONS || (event.code >= 4400 && event.code < 4500)) {
           stop(CLOSE_REASONS[event.code] || "Disconnected (" + event.code + ").");
           return;
         }
         // A server going away on purpose (1001, 1012) is no sign of trouble:
-        // start the backoff afresh, the jitter still spreads the herd.
+        // start the backoff afresh, the jitter still spreads the herd. A slow
+        // socket (4008) backs off like a dropped one, so that a client that
+        // keeps falling behind does not hammer the server.
         if (event.code === 1001 || event.code === 1012) attempt = 0;
-        else if (openedAt && Date.now() - openedAt >= STABLE_AFTER_MS) attempt = 0;
-        openedAt = 0;
+        else if (stable) attempt = 0;
+        if (event.code === CLOSE_TOO_SLOW) console.info("closed by the server: too slow; resuming");
         scheduleReconnect();
       });
+    }
+
+    // The socket is gone (closed, or given up on while offline): whatever was
+    // asked on it will never be answered, so it can be asked again on the next.
+    function forgetSocket() {
+      socket = null;
+      openedAt = 0;
+      olderBefore = null;
+      holeBefore = null;
+      membersAfter = null;
+      list.removeAttribute("aria-busy");
+      renderMembersMore();
+      outbox.forEach((text, clientId) => markPending(clientId, "waiting for the connection…"));
     }
 
     function stop(reason) {
@@ -338,9 +365,11 @@
     window.addEventListener("offline", () => {
       // The socket may take minutes to notice; say so now and start over
       // when the network is back.
+      // The close event of this socket is then ignored (it is no longer
+      // `socket`), so its requests are forgotten here.
       if (socket) {
         const ws = socket;
-        socket = null;
+        forgetSocket();
         ws.close();
       }
       clearTimeout(reconnectTimer);
@@ -352,7 +381,35 @@
     // Server frames
     // ------------------------------------------------------------------
 
+    // The events of one frame, in order. A run of messages is shown in one
+    // go (one scroll adjustment, one gap check for the whole run).
+    function handleAll(ws, events) {
+      let run = [];
+      const flush = () => {
+        if (run.length) onMessages(run, true);
+        run = [];
+      };
+      for (const event of events) {
+        if (ws !== socket) return;
+        if (event && event.type === "message") {
+          run.push(event);
+          continue;
+        }
+        flush();
+        try {
+          handle(event);
+        } catch (err) {
+          console.error("could not handle", event, err);
+        }
+      }
+      if (ws === socket) flush();
+    }
+
     function handle(frame) {
+      if (!frame || typeof frame !== "object") {
+        console.error("unexpected frame", frame);
+        return;
+      }
       switch (frame.type) {
         case "welcome":
           return onWelcome(frame);
@@ -360,15 +417,10 @@
           return onMessages([frame], true);
         case "history":
           return onHistory(frame);
-        case "join":
-          members.add(frame.user);
-          renderMembers();
-          return renderNotice(frame.user + " joined");
-        case "leave":
-          members.delete(frame.user);
-          renderMembers();
-          stopTyping(frame.user);
-          return renderNotice(frame.user + " left");
+        case "presence":
+          return onPresence(frame);
+        case "members":
+          return onMembers(frame);
         case "typing":
           return showTyping(frame.user);
         case "deleted":
@@ -388,14 +440,23 @@
     function onWelcome(frame) {
       const resumed = lastSeq > 0;
       setState("open", "Connected", false);
+      const names = Array.isArray(frame.members) ? frame.members : [];
       members.clear();
-      frame.members.forEach((name) => members.add(name));
+      names.forEach((name) => members.add(name));
+      // The first page may not reach this user's own name.
+      members.add(ME);
+      membersCursor = names.length ? names[names.length - 1] : null;
+      membersMore = Boolean(frame.members_more) && membersCursor !== null;
+      membersAfter = null;
+      memberTotal = Number.isInteger(frame.member_count) ? frame.member_count : members.size;
       renderMembers();
       setReadOnly(Boolean(frame.closed));
       if (!resumed) setHasMore(frame.has_more);
       // After a resume that missed too much, the server sends the latest
       // page instead, and the gap check in onMessages asks for the rest.
       onMessages(frame.messages, resumed);
+      // A gap whose request went with the last socket is asked for again.
+      if (resumed) fillHole(lastSeq + 1);
       if (!resumed) scrollToBottom();
       // Whatever was typed while offline goes out now, with its original
       // client_id, so the server stores it once even if an earlier try got
@@ -454,6 +515,67 @@
         for (let seq = Math.max(first, floor + 1); seq < frame.before; seq++) shown.add(seq);
         fillHole(lastSeq + 1);
       }
+    }
+
+    // A presence diff is idempotent: a join of someone listed, or a leave of
+    // someone who is not, changes nothing and says nothing. While the list
+    // is not fully loaded, a name not listed may be further down it, so the
+    // server's word is taken for the notice.
+    function onPresence(frame) {
+      const joined = [];
+      const left = [];
+      (Array.isArray(frame.joins) ? frame.joins : []).forEach((name) => {
+        if (typeof name !== "string" || members.has(name)) return;
+        members.add(name);
+        if (name !== ME) joined.push(name);
+      });
+      (Array.isArray(frame.leaves) ? frame.leaves : []).forEach((name) => {
+        if (typeof name !== "string" || name === ME) return; // this socket is open
+        stopTyping(name);
+        if (members.delete(name) || membersMore) left.push(name);
+      });
+      if (Number.isInteger(frame.members)) memberTotal = frame.members;
+      renderMembers();
+      if (joined.length) renderNotice(namesSummary(joined) + " joined");
+      if (left.length) renderNotice(namesSummary(left) + " left");
+    }
+
+    function loadMoreMembers() {
+      if (!membersMore || membersAfter !== null || !isReady()) return;
+      // After the last name of the server's pages, not the last one listed:
+      // a name that joined since may sort after names not loaded yet.
+      membersAfter = membersCursor;
+      if (!send({ type: "members", after: membersAfter })) membersAfter = null;
+      renderMembersMore();
+    }
+
+    function onMembers(frame) {
+      if (membersAfter === null || frame.after !== membersAfter) return;
+      membersAfter = null;
+      const names = Array.isArray(frame.members) ? frame.members : [];
+      const known = members.size;
+      names.forEach((name) => members.add(name));
+      if (names.length) membersCursor = names[names.length - 1];
+      membersMore = Boolean(frame.has_more) && names.length > 0;
+      const hadFocus = document.activeElement === membersMoreButton;
+      renderMembers();
+      // Pages that bring only names listed already (they joined since the
+      // welcome) are not worth a click: ask for the next one at once.
+      if (membersMore && (members.size === known || members.size >= memberTotal)) {
+        loadMoreMembers();
+        return;
+      }
+      // The control goes away with the last page: keep keyboard users in the list.
+      if (hadFocus && membersMoreButton.hidden) membersEl.focus();
+    }
+
+    // "bob", "bob and carol", "bob, carol and dave", "bob, carol and 3 others".
+    function namesSummary(names) {
+      const sorted = names.slice().sort();
+      if (sorted.length === 1) return sorted[0];
+      if (sorted.length <= 3) return sorted.slice(0, -1).join(", ") + " and " + sorted[sorted.length - 1];
+      const others = sorted.length - 2;
+      return sorted.slice(0, 2).join(", ") + " and " + others + " others";
     }
 
     function oldestSeq() {
@@ -528,7 +650,9 @@
         // A refused history request: let scrolling ask again later.
         olderBefore = null;
         holeBefore = null;
+        membersAfter = null;
         list.removeAttribute("aria-busy");
+        renderMembersMore();
       }
       errorEl.textContent =
         frame.code === "room_closed" ? "This room is closed: your message was not sent." : frame.detail;
@@ -770,7 +894,18 @@
           return item;
         });
       membersEl.replaceChildren(...items);
-      memberCount.textContent = String(members.size);
+      memberCount.textContent = String(memberTotal);
+      renderMembersMore();
+    }
+
+    function renderMembersMore() {
+      membersMoreButton.hidden = !membersMore;
+      // Not `disabled`: a disabled button loses the keyboard focus. A click
+      // while a page is on its way, or while offline, does nothing.
+      membersMoreButton.setAttribute("aria-disabled", String(membersAfter !== null || !isReady()));
+      membersEl.setAttribute("aria-busy", String(membersAfter !== null));
+      const left = memberTotal - members.size;
+      membersMoreButton.textContent = left > 0 ? "Show " + left + " more" : "Show more";
     }
 
     function showTyping(user) {
@@ -811,6 +946,7 @@
       maybeLoadOlder();
     });
     loadOlderButton.addEventListener("click", loadOlder);
+    membersMoreButton.addEventListener("click", loadMoreMembers);
     newMessagesButton.addEventListener("click", () => {
       scrollToBottom();
       input.focus();
