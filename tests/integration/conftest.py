@@ -21,7 +21,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message as HeaderMessage
 from pathlib import Path
@@ -38,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The daphne next to the interpreter running the tests: the project's venv.
 # The worker launcher: daphne plus the drain on SIGTERM and server close codes.
 WORKER_COMMAND = [sys.executable, "-m", "chatproject.server"]
+# daphne as it comes, without the launcher: what the application must survive too.
+PLAIN_DAPHNE_COMMAND = [sys.executable, "-m", "daphne"]
 
 STARTUP_TIMEOUT = 20
 STOP_TIMEOUT = 10
@@ -74,7 +77,10 @@ class DaphneServer:
         db_path: Path | str | None = None,
         migrate: bool | None = None,
         port: int | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
+        # The program in front of the daphne arguments: the launcher by default.
+        self.command = list(command or WORKER_COMMAND)
         self.workdir = Path(tempfile.mkdtemp(prefix="chat-daphne-"))
         self.db_path = Path(db_path) if db_path else self.workdir / "db.sqlite3"
         # A database someone else made is already migrated, unless told otherwise.
@@ -130,7 +136,7 @@ class DaphneServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
-                    *WORKER_COMMAND,
+                    *self.command,
                     "-b",
                     "127.0.0.1",
                     "-p",
@@ -225,8 +231,10 @@ def flush_redis(url: str) -> None:
 
 @pytest.fixture
 def daphne_factory(request) -> Iterator[Callable[..., DaphneServer]]:
-    """Returns start(env=None, *, redis_url=None, db_path=None, migrate=None).
+    """Returns start(env=None, *, redis_url=None, db_path=None, migrate=None,
+    command=None).
 
+    `command` runs instead of the worker launcher (e.g. PLAIN_DAPHNE_COMMAND).
     start() returns a running DaphneServer; start.new_redis_url() returns an
     empty Redis database for a group of workers (the session redis-server starts
     only when asked). Every server is stopped in teardown, the last started
@@ -418,10 +426,25 @@ def new_account(base_url: str, prefix: str) -> Account:
 
 
 class ChatSocket:
-    """A websockets client connection with JSON helpers; every wait is bounded."""
+    """A websockets client connection with JSON helpers; every wait is bounded.
+
+    Like the unit tests' `Client` (tests/conftest.py): presence diffs come on
+    their own schedule, so `receive` passes over them (they are kept for
+    `receive_presence`), and a `chat.batch` frame (a JSON array) is taken apart
+    into its events. `raw` keeps the text of every frame, to check the framing;
+    `view` is the member list as this client sees it (welcome, then diffs).
+    """
 
     def __init__(self, connection: ClientConnection) -> None:
         self.connection = connection
+        self.frames: deque[dict[str, Any]] = deque()
+        self.presence: deque[dict[str, Any]] = deque()
+        self.raw: list[str] = []
+        self.view: set[str] | None = None
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.connection.subprotocol
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.connection.send(json.dumps(frame))
@@ -429,34 +452,146 @@ class ChatSocket:
     async def send_text(self, text: str) -> None:
         await self.connection.send(text)
 
-    async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
-        """Returns the next frame; fails (not hangs) when none comes in time."""
+    def take(self, text: str) -> None:
+        self.raw.append(text)
+        decoded = json.loads(text)
+        for event in decoded if isinstance(decoded, list) else [decoded]:
+            if event.get("type") == "presence":
+                self.presence.append(event)
+                if self.view is not None:
+                    self.view |= set(event["joins"])
+                    self.view -= set(event["leaves"])
+            else:
+                if event.get("type") == "welcome":
+                    self.view = set(event["members"])
+                self.frames.append(event)
+
+    async def _read(self, timeout: float) -> None:
         try:
             async with asyncio.timeout(timeout):
-                return json.loads(await self.connection.recv())
+                text = await self.connection.recv()
         except TimeoutError:
             raise AssertionError(f"no frame from the server within {timeout} s")
+        self.take(text)
+
+    async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+        """Returns the next frame that is not a presence diff.
+
+        Fails (not hangs) when none comes in time.
+        """
+        async with _deadline(timeout):
+            while not self.frames:
+                await self._read(timeout)
+        return self.frames.popleft()
 
     async def receive_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
-        """Returns the next frame, which must be of type `kind`."""
+        """Returns the next frame (presence diffs aside), of type `kind`."""
         frame = await self.receive(timeout)
         assert frame["type"] == kind, frame
         return frame
 
+    async def receive_presence(self, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        """Returns the next presence diff (other frames are kept for `receive`)."""
+        async with _deadline(timeout):
+            while not self.presence:
+                await self._read(timeout)
+        return self.presence.popleft()
+
+    async def wait_presence(
+        self,
+        *,
+        joins: Sequence[str] = (),
+        leaves: Sequence[str] = (),
+        timeout: float = RECEIVE_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Reads diffs until every user of `joins` joined and of `leaves` left.
+
+        Returns the diff that completed it. Each name in a diff is its state
+        when the diff was sent, so a later diff overrides an earlier one: a
+        user wanted in `joins` who shows up in `leaves` again is wanted again.
+        """
+        want_joins, want_leaves = set(joins), set(leaves)
+        wanted = f"joins {sorted(joins)}, leaves {sorted(leaves)}"
+        async with _deadline(timeout, wanted):
+            while True:
+                diff = await self.receive_presence(timeout)
+                want_joins -= set(diff["joins"])
+                want_joins |= set(joins) & set(diff["leaves"])
+                want_leaves -= set(diff["leaves"])
+                want_leaves |= set(leaves) & set(diff["joins"])
+                if not want_joins and not want_leaves:
+                    return diff
+
+    async def wait_view(
+        self, members: set[str], timeout: float = RECEIVE_TIMEOUT
+    ) -> None:
+        """Reads frames until `view` (welcome members plus diffs) is `members`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.view != members:
+                    self.take(await self.connection.recv())
+        except TimeoutError:
+            raise AssertionError(
+                f"the member list seen is {sorted(self.view or ())}, not "
+                f"{sorted(members)}, after {timeout} s"
+            )
+
+    async def _read_for(self, timeout: float) -> None:
+        """Reads (and keeps) every frame that comes within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self.take(await self.connection.recv())
+        except TimeoutError:
+            pass
+
+    async def receive_nothing(self, timeout: float = 0.5) -> bool:
+        """True when no frame but presence diffs arrives within `timeout`."""
+        await self._read_for(timeout)
+        return not self.frames
+
+    async def presence_nothing(self, timeout: float = 0.5) -> bool:
+        """True when no presence diff arrives within `timeout` (others are kept)."""
+        await self._read_for(timeout)
+        return not self.presence
+
     async def receive_close(
         self, timeout: float = RECEIVE_TIMEOUT
     ) -> tuple[int | None, list[dict]]:
-        """Returns the server's close code and the frames that came before it."""
-        frames: list[dict] = []
+        """Returns the server's close code and the frames that came before it.
+
+        Presence diffs are not among them: they are kept in `presence`.
+        """
         async with asyncio.timeout(timeout):
             try:
                 while True:
-                    frames.append(json.loads(await self.connection.recv()))
+                    self.take(await self.connection.recv())
             except ConnectionClosed as closed:
+                frames, self.frames = list(self.frames), deque()
                 return (closed.rcvd.code if closed.rcvd else None), frames
 
     async def close(self) -> None:
         await self.connection.close()
+
+
+class _deadline:
+    """asyncio.timeout that fails with an AssertionError (what was awaited)."""
+
+    def __init__(self, timeout: float, what: str = "a frame") -> None:
+        self.timeout = timeout
+        self.what = what
+        self._inner = asyncio.timeout(timeout)
+
+    async def __aenter__(self) -> None:
+        await self._inner.__aenter__()
+
+    async def __aexit__(self, kind, error, traceback) -> bool | None:
+        try:
+            return await self._inner.__aexit__(kind, error, traceback)
+        except TimeoutError:
+            raise AssertionError(
+                f"no {self.what} from the server within {self.timeout} s"
+            ) from None
 
 
 @pytest.fixture
@@ -464,7 +599,8 @@ async def ws_connect() -> AsyncIterator[Callable[..., Any]]:
     """Returns connect(server, room, sessionid=..., ...) -> ChatSocket.
 
     Every socket is closed in teardown. The Origin is the server's own unless
-    `origin` says otherwise; `welcome=True` also reads the welcome frame.
+    `origin` says otherwise; `welcome=True` also reads the welcome frame;
+    `subprotocols` is what the client asks for (e.g. ["chat.batch"]).
     """
     sockets: list[ChatSocket] = []
 
@@ -476,13 +612,18 @@ async def ws_connect() -> AsyncIterator[Callable[..., Any]]:
         query: str = "",
         origin: str | None = None,
         welcome: bool = False,
+        subprotocols: Sequence[str] | None = None,
     ):
         uri = f"{server.ws_url}/ws/chat/{room}/" + (f"?{query}" if query else "")
         headers = {"Origin": origin or server.base_url}
         if sessionid is not None:
             headers["Cookie"] = f"sessionid={sessionid}"
         connection = await connect(
-            uri, additional_headers=headers, proxy=None, open_timeout=RECEIVE_TIMEOUT
+            uri,
+            additional_headers=headers,
+            proxy=None,
+            open_timeout=RECEIVE_TIMEOUT,
+            subprotocols=list(subprotocols) if subprotocols else None,
         )
         socket = ChatSocket(connection)
         sockets.append(socket)

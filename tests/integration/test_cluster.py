@@ -195,6 +195,8 @@ class RoomClient:
         self.closes: list[int] = []
         self.refused: list[str] = []
         self.unacked: dict[str, dict] = {}
+        # The member list as this page shows it: welcome, then presence diffs.
+        self.view: set[str] = set()
         self.connection: ClientConnection | None = None
         self.ready = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -205,8 +207,14 @@ class RoomClient:
         return max(self.messages, default=0)
 
     def seen(self, kind: str) -> list[str]:
-        """Returns the users of the `kind` frames (join, leave) received."""
-        return [frame["user"] for frame in self.frames if frame["type"] == kind]
+        """Returns the users in the `kind` list ("joins", "leaves") of the
+        presence diffs received, in order."""
+        return [
+            user
+            for frame in self.frames
+            if frame["type"] == "presence"
+            for user in frame[kind]
+        ]
 
     def errors(self) -> list[dict]:
         return [frame for frame in self.frames if frame["type"] == "error"]
@@ -259,7 +267,10 @@ class RoomClient:
             return 1006
         try:
             while True:
-                await self.handle(json.loads(await self.connection.recv()))
+                decoded = json.loads(await self.connection.recv())
+                # A `chat.batch` frame is an array of events, in order.
+                for frame in decoded if isinstance(decoded, list) else [decoded]:
+                    await self.handle(frame)
         except ConnectionClosed as closed:
             code = closed.rcvd.code if closed.rcvd else 1006
             self.closes.append(code)
@@ -270,6 +281,7 @@ class RoomClient:
     async def handle(self, frame: dict) -> None:
         if frame["type"] == "welcome":
             self.welcomes.append(frame)
+            self.view = set(frame["members"])
             for message in frame["messages"]:
                 self.remember(message)
             self.ready.set()
@@ -280,6 +292,8 @@ class RoomClient:
             self.live_seqs.append(frame["seq"])
             self.remember(frame)
         else:
+            if frame["type"] == "presence":
+                self.view = (self.view | set(frame["joins"])) - set(frame["leaves"])
             self.frames.append(frame)
 
     def remember(self, message: dict) -> None:
@@ -486,12 +500,32 @@ def busiest_worker(cluster: Cluster, room: str) -> int:
 
 
 def presence_since(client: RoomClient, start: int) -> list[tuple[str, str]]:
-    """Returns the join and leave events the client got after its frame `start`."""
+    """Returns ("join" | "leave", user) for each name in the presence diffs the
+    client got after its frame `start`."""
     return [
-        (frame["type"], frame["user"])
+        (kind, user)
         for frame in client.frames[start:]
-        if frame["type"] in ("join", "leave")
+        if frame["type"] == "presence"
+        for kind, key in (("join", "joins"), ("leave", "leaves"))
+        for user in frame[key]
     ]
+
+
+async def presence_settled(cluster: Cluster, group: Sequence[RoomClient]) -> None:
+    """Waits until every client's member list is the group: diffs come up to an
+    interval after the joins, and a test that counts later diffs must not see
+    those."""
+    everyone = {client.username for client in group}
+
+    def off() -> str:
+        wrong = {c.username: sorted(c.view ^ everyone) for c in group}
+        return f"every member list was the group; off: {wrong}"
+
+    await eventually(
+        lambda: all(client.view == everyone for client in group),
+        what=off,
+        cluster=cluster,
+    )
 
 
 async def post_from(group: Sequence[RoomClient], text: str) -> int:
@@ -518,6 +552,7 @@ async def test_kill_9_clients_resume_elsewhere_and_the_gone_user_leaves(
 
     count = await post_from(others, "before")
     await wait_all_have(cluster, group, count)
+    await presence_settled(cluster, group)
 
     seen_before = {c.username: len(c.frames) for c in group}
     assert cluster.kill_worker(index, signal.SIGKILL) == -signal.SIGKILL
@@ -535,7 +570,7 @@ async def test_kill_9_clients_resume_elsewhere_and_the_gone_user_leaves(
 
     # Swept once the lease ran out: about twice the lease at most.
     await eventually(
-        lambda: all(gone.username in c.seen("leave") for c in survivors),
+        lambda: all(gone.username in c.seen("leaves") for c in survivors),
         what=f"everyone saw {gone.username} leave",
         cluster=cluster,
         timeout=2 * LEASE_SECONDS + 6,
@@ -549,7 +584,15 @@ async def test_kill_9_clients_resume_elsewhere_and_the_gone_user_leaves(
     # The movers came back within the lease: to the others they never left.
     for client in survivors:
         presence = presence_since(client, seen_before[client.username])
-        assert presence == [("leave", gone.username)], client.username
+        assert presence == [("leave", gone.username)], (
+            client.username,
+            gone.username,
+            [m.username for m in movers],
+            presence,
+        )
+    # And what the page shows: everyone but the one who went.
+    for client in survivors:
+        assert client.view == {c.username for c in survivors}, client.username
     [newcomer] = await clients(cluster, room, make_users(cluster, 1))
     assert newcomer.welcomes[0]["members"] == sorted(
         {c.username for c in survivors} | {newcomer.username}
@@ -570,6 +613,7 @@ async def test_sigterm_closes_with_1001_and_clients_resume_without_flicker(
 
     count = await post_from(group, "before")
     await wait_all_have(cluster, group, count)
+    await presence_settled(cluster, group)
 
     seen_before = {c.username: len(c.frames) for c in group}
     draining.send_signal(signal.SIGTERM)
@@ -597,9 +641,9 @@ async def test_sigterm_closes_with_1001_and_clients_resume_without_flicker(
         assert mover.closes == [1001], mover.closes
     assert_undisturbed(others)
     for client in group:
-        assert (
-            presence_since(client, seen_before[client.username]) == []
-        ), client.username
+        presence = presence_since(client, seen_before[client.username])
+        assert presence == [], (client.username, [m.username for m in movers], presence)
+        assert client.view == {c.username for c in group}, client.username
 
 
 async def test_sigterm_while_sockets_close_still_exits_within_the_drain_limit(

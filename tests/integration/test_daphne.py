@@ -25,16 +25,15 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 
-# Presence frames may come in between: a user who just closed a socket leaves
-# a moment later, whatever the test does next.
-PRESENCE = {"join", "leave", "typing"}
-
-
 async def post(socket: ChatSocket, text: str) -> dict[str, Any]:
-    """Posts a message and returns the broadcast copy the sender gets back."""
+    """Posts a message and returns the broadcast copy the sender gets back.
+
+    Presence diffs may come in between (a user who just closed a socket leaves
+    a moment later, whatever the test does next): `receive` passes over them.
+    """
     await socket.send({"type": "message", "message": text})
     frame = await socket.receive()
-    while frame["type"] in PRESENCE:
+    while frame["type"] == "typing":
         frame = await socket.receive()
     assert_event(frame, "message", message=text)
     return frame
@@ -53,7 +52,7 @@ def new_room(server: DaphneServer) -> str:
 
 
 async def test_two_users_chat_both_ways_in_general(daphne, ws_connect):
-    """The whole life of a conversation: welcome, join, messages, leave."""
+    """The whole life of a conversation: welcome, presence, messages, leave."""
     alice = new_account(daphne.base_url, "alice")
     bob = new_account(daphne.base_url, "bob")
 
@@ -68,7 +67,15 @@ async def test_two_users_chat_both_ways_in_general(daphne, ws_connect):
     )
     assert_event(welcome, "welcome", room="general", user=bob.username)
     assert {alice.username, bob.username} <= set(welcome["members"])
-    assert_event(await alice_ws.receive(), "join", user=bob.username, members=2)
+    assert welcome["member_count"] == len(welcome["members"])
+    assert welcome["members_more"] is False
+    # The module's server is shared: count on the others, not on a total.
+    others = welcome["member_count"] - 2
+    diff = await alice_ws.wait_presence(joins=[bob.username])
+    assert bob.username in diff["joins"]
+    assert diff["members"] == others + 2
+    # The joiner gets the diff of its own arrival too.
+    await bob_ws.wait_presence(joins=[bob.username])
 
     first = await post(alice_ws, "hello bob")
     assert_event(first, "message", room="general", user=alice.username)
@@ -79,7 +86,10 @@ async def test_two_users_chat_both_ways_in_general(daphne, ws_connect):
     assert await alice_ws.receive() == second
 
     await bob_ws.close()
-    assert_event(await alice_ws.receive(), "leave", user=bob.username, members=1)
+    diff = await alice_ws.wait_presence(leaves=[bob.username])
+    assert diff["members"] == others + 1
+    assert alice_ws.view is not None
+    assert alice.username in alice_ws.view and bob.username not in alice_ws.view
 
 
 async def test_since_resumes_exactly_and_fresh_connect_shows_history(
@@ -194,7 +204,10 @@ async def test_two_workers_share_one_database_and_redis(daphne_factory, ws_conne
         two, "general", sessionid=bob.sessionid, welcome=True
     )
     assert welcome["members"] == sorted([alice.username, bob.username])
-    assert_event(await alice_ws.receive(), "join", user=bob.username, members=2)
+    assert welcome["member_count"] == 2
+    # bob's diff crosses from worker two to alice on worker one.
+    diff = await alice_ws.wait_presence(joins=[bob.username])
+    assert diff["members"] == 2
 
     first = await post(alice_ws, "from worker one")
     assert await bob_ws.receive() == first
@@ -203,4 +216,6 @@ async def test_two_workers_share_one_database_and_redis(daphne_factory, ws_conne
     assert second["seq"] == first["seq"] + 1
 
     await bob_ws.close()
-    assert_event(await alice_ws.receive(), "leave", user=bob.username, members=1)
+    diff = await alice_ws.wait_presence(leaves=[bob.username])
+    assert diff["members"] == 1
+    assert alice_ws.view == {alice.username}

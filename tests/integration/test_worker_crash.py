@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import assert_event
 from tests.integration.conftest import new_account
 
 pytestmark = pytest.mark.integration
@@ -25,13 +24,18 @@ async def test_killed_workers_users_leave_within_twice_the_lease(
 
     alice_ws, _ = await ws_connect(one, "general", sessionid=alice.sessionid, welcome=True)
     await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
-    assert_event(await alice_ws.receive(), "join", user=bob.username)
+    await alice_ws.wait_presence(joins=[bob.username])
 
     two.process.kill()
     two.process.wait()
 
     # Twice the lease plus the sweep interval, with room for a loaded machine.
-    leave = await alice_ws.receive(timeout=LEASE_SECONDS * 2 + 6)
-    assert_event(leave, "leave", user=bob.username, members=1)
-    _, welcome = await ws_connect(one, "general", sessionid=alice.sessionid, welcome=True)
+    leave = await alice_ws.wait_presence(
+        leaves=[bob.username], timeout=LEASE_SECONDS * 2 + 6
+    )
+    assert leave["members"] == 1
+    assert alice_ws.view == {alice.username}
+    _, welcome = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
     assert welcome["members"] == [alice.username]
