@@ -501,6 +501,7 @@ def write_doc(path: Path, block: str) -> None:
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n## Results\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
