@@ -231,9 +231,9 @@ class Client:
                             websocket_handshake_timeout=timeout,
                             socket_factory=factory,
                         )
-                        sock.batch = (
-                            transport.response.headers.get("Sec-WebSocket-Protocol")
-                            == SUBPROTOCOL
+                        response = transport.response
+                        sock.batch = response is not None and (
+                            response.headers.get("Sec-WebSocket-Protocol") == SUBPROTOCOL
                         )
                         if self.ours:
                             await sock.welcomed
