@@ -54,7 +54,8 @@ class Plan:
     sockets: list[dict]  # {"room", "user", "rcvbuf", "stuck"}
     senders: dict[str, dict] = field(default_factory=dict)
     duration: float = 0.0
-    drain: float = 10.0
+    drain: float = 10.0  # seconds after the senders stop that count as in time
+    grace: float = 20.0  # further seconds to wait, so that late is told from lost
     concurrency: int = 50  # handshakes in flight per client process
     connect_timeout: float = 60.0
     behind_ok: bool = False  # a shortfall is reported as the delivery ratio
@@ -147,6 +148,8 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
         log(f"  {title} / {server}: opening {len(plan.sockets)} sockets on {workers} worker(s)")
         pool.send(jobs)
         connected = pool.gather("connected", plan.connect_timeout * 2 + 60)
+        log(f"  opened in {max(r['t_end'] for r in connected) - connect_at:.1f} s"
+            + (f"; sending for {plan.duration:.0f} s" if plan.senders else ""))
         failures = [f for r in connected for f in r["failures"]]
         if failures:
             raise Failed(f"{len(failures)} socket(s) did not open, e.g. {failures[0]}")
@@ -196,8 +199,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             sent.update(reply["sent"])
         stopped = time.monotonic()
         deadline = stopped + plan.drain
-        pool.broadcast({"step": "expect", "sent": sent, "deadline": deadline})
-        results = pool.gather("results", plan.drain + 60, tick)
+        pool.broadcast({"step": "expect", "sent": sent, "deadline": deadline,
+                        "grace": plan.grace})
+        results = pool.gather("results", plan.drain + plan.grace + 60, tick)
         cpu1 = {k: sum(map(procs.cpu_seconds, v)) for k, v in pids.items()}
         tick()
         pool.broadcast({"step": "close"})
@@ -213,20 +217,22 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
 
     expected = sum(r["expected"] for r in results)
     delivered = sum(r["delivered"] for r in results)
+    late = sum(r["late"] for r in results)
     latencies = array("f")
     for r in results:
         latencies.frombytes(r["latencies"])
     ordered = sorted(latencies)
     done = max(r["done_at"] for r in results)
-    wall = max(min(done, deadline) - start, 1e-9)
-    per_k = 1000 / max(delivered, 1)
+    wall = max(done - start, 1e-9)
+    per_k = 1000 / max(delivered + late, 1)
     result.update(
         {
             "posts": sum(sent.values()),
             "expected": expected,
             "delivered": delivered,
+            "late": late,
             "ratio": delivered / expected if expected else float("nan"),
-            "deliveries_per_s": delivered / wall,
+            "deliveries_per_s": (delivered + late) / wall,
             "p50_ms": percentile(ordered, 0.50),
             "p99_ms": percentile(ordered, 0.99),
             "worker_cpu_ms_per_k": (cpu1["workers"] - cpu0["workers"]) * per_k * 1000,
@@ -251,8 +257,10 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
         problems.append(f"{disorder} deliveries out of order")
     if unexpected:
         problems.append(f"{len(unexpected)} reading socket(s) closed, e.g. {unexpected[0]}")
-    if delivered < expected and not (plan.behind_ok and server == "baseline"):
-        problems.append(f"{expected - delivered} of {expected} deliveries missing")
+    missing = expected - delivered - late
+    if missing and not (plan.behind_ok and server == "baseline"):
+        problems.append(f"{missing} of {expected} deliveries lost "
+                        f"(not there {plan.drain + plan.grace:.0f} s after the last post)")
     if not sent or not result["posts"]:
         problems.append("nothing was sent")
     if problems:
