@@ -57,7 +57,7 @@ class Plan:
     drain: float = 10.0  # seconds after the senders stop that count as in time
     grace: float = 20.0  # further seconds to wait, so that late is told from lost
     concurrency: int = 50  # handshakes in flight per client process
-    connect_timeout: float = 60.0
+    connect_timeout: float = 120.0
     behind_ok: bool = False  # a shortfall is reported as the delivery ratio
     poll: bool = False  # watch RSS and the slow-socket metric during the send
     settle: float = 0.0  # seconds to wait after connecting, before RSS
@@ -172,6 +172,7 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             pool.broadcast({"step": "close"})
             pool.gather("closed", 60)
             return result
+        # (warm-up first, then the measured phase)
 
         pids = {"workers": [c.pid for c in children], "clients": pool.pids}
         if workers > 1 and ctx.redis is not None:
@@ -191,6 +192,17 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
                 elif total > watch["closes0"]:
                     watch["closed_at"] = time.monotonic() - start
 
+        # Warm-up posts until every socket has one from each sender of its room.
+        warm_until = time.monotonic() + 60
+        for attempt in range(1000):
+            pool.broadcast({"step": "warm", "attempt": attempt, "timeout": 1.0})
+            cold = sum(r["cold"] for r in pool.gather("warmed", 60))
+            if not cold:
+                break
+            if time.monotonic() > warm_until:
+                raise Failed(f"{cold} socket(s) never got a warm-up post: not in the room")
+        cpu0 = {k: sum(map(procs.cpu_seconds, v)) for k, v in pids.items()}
+        start = time.monotonic() + 0.3
         tick()
         pool.broadcast({"step": "go", "start": start, "duration": plan.duration})
         sent_replies = pool.gather("sent", plan.duration + 120, tick)
