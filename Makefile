@@ -54,10 +54,10 @@ test-postgres: venv system-packages
 	  tests/test_consumers.py tests/test_services.py tests/test_presence.py \
 	  tests/test_api.py
 
-## bench: room fan-out per channel layer on real workers (docs/performance.md); BENCH_ARGS="--rounds 3"
+## bench: the chat against the Channels tutorial's consumer (docs/performance.md); BENCH_ARGS="--rounds 1 --scale 0.2"
 .PHONY: bench
 bench: venv system-packages
-	$(PY) -m bench.fanout $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles db.sqlite3

@@ -1,0 +1,1 @@
+"""The Channels tutorial's chat consumer, the bench's point of comparison."""
