@@ -231,6 +231,3 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         self.hub.forget_upstream()
         await super().flush()
 
-    async def close_pools(self) -> None:
-        self.hub.stop_reader()
-        await super().close_pools()

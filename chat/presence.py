@@ -59,25 +59,28 @@ def live_connections() -> QuerySet:
     return Connection.objects.filter(worker__in=live_worker_ids())
 
 
-def worker_heartbeat(*, worker_id: str = WORKER_ID) -> None:
-    """Renews this worker's lease (creating it on the first call)."""
-    now = timezone.now()
-    updated = Worker.objects.filter(id=worker_id).update(heartbeat_at=now)
-    if not updated:
-        Worker.objects.get_or_create(id=worker_id, defaults={"heartbeat_at": now})
-
-
-def send_queues_report(
-    *, figures: dict[str, tuple[int, int]], slow_closes: int, worker_id: str = WORKER_ID
+def worker_heartbeat(
+    *,
+    worker_id: str = WORKER_ID,
+    queue_figures: dict[str, tuple[int, int]] | None = None,
+    slow_closes: int | None = None,
 ) -> None:
-    """Stores this worker's queue figures per socket, for the admin."""
-    for channel_name, (queued, peak) in figures.items():
+    """Renews this worker's lease (creating it on the first call).
+
+    Also stores, for the admin, the queue figures (channel -> (queued, peak))
+    of sockets that changed and the worker's count of slow closes.
+    """
+    now = timezone.now()
+    fields = {"heartbeat_at": now}
+    if slow_closes is not None:
+        fields["slow_closes"] = slow_closes
+    updated = Worker.objects.filter(id=worker_id).update(**fields)
+    if not updated:
+        Worker.objects.get_or_create(id=worker_id, defaults=fields)
+    for channel_name, (queued, peak) in (queue_figures or {}).items():
         Connection.objects.filter(channel_name=channel_name).update(
             queued_events=queued, peak_queued_events=peak
         )
-    Worker.objects.filter(id=worker_id).exclude(slow_closes=slow_closes).update(
-        slow_closes=slow_closes
-    )
 
 
 def workers_sweep() -> int:

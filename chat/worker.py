@@ -81,7 +81,10 @@ def socket_closed_too_slow() -> None:
 
 
 async def report_send_queues() -> int:
-    """Writes the queue figures that changed to the sockets' rows; returns how many."""
+    """Renews the lease and writes the queue figures that changed; returns how many.
+
+    One trip to the database with the heartbeat, which writes anyway.
+    """
     current = {
         channel: (len(outbox), outbox.peak_frames) for outbox, channel in _outboxes()
     }
@@ -90,8 +93,8 @@ async def report_send_queues() -> int:
         for channel, figures in current.items()
         if _reported.get(channel, (0, 0)) != figures
     }
-    await database_sync_to_async(presence.send_queues_report)(
-        figures=changed, slow_closes=_slow_closes
+    await database_sync_to_async(presence.worker_heartbeat)(
+        queue_figures=changed, slow_closes=_slow_closes
     )
     _reported.clear()
     _reported.update(current)
@@ -223,9 +226,8 @@ async def _worker_loop() -> None:
     while True:
         try:
             if not is_draining():
-                await database_sync_to_async(presence.worker_heartbeat)()
+                await report_send_queues()
             await database_sync_to_async(presence.workers_sweep)()
-            await report_send_queues()
         except Exception:
             # A database outage must not end the loop: the lease is renewed
             # again once it answers.
