@@ -248,12 +248,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 exclude_channel=self.channel_name,
             )
 
-    async def send_history(self, command: protocol.HistoryRequest) -> None:
+    def check_request_rate(self) -> None:
+        """Requests (history, members) share the posts' per-socket budget."""
         if not self.post_rate.allow():
             raise protocol.ProtocolError(
                 protocol.ERROR_RATE_LIMITED,
                 f"too many requests; retry in {self.post_rate.retry_after():.1f} s",
             )
+
+    async def send_history(self, command: protocol.HistoryRequest) -> None:
+        self.check_request_rate()
         page = await database_sync_to_async(services.room_history)(
             room=self.room, before=command.before, limit=command.limit
         )
@@ -264,11 +268,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
 
     async def send_members(self, command: protocol.MembersRequest) -> None:
-        if not self.post_rate.allow():
-            raise protocol.ProtocolError(
-                protocol.ERROR_RATE_LIMITED,
-                f"too many requests; retry in {self.post_rate.retry_after():.1f} s",
-            )
+        self.check_request_rate()
         page = await database_sync_to_async(services.room_members_page)(
             room=self.room, after=command.after
         )

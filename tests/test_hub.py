@@ -280,7 +280,8 @@ def test_a_handshake_is_one_database_call_of_a_fixed_number_of_queries(
 # ---------------------------------------------------------------------------
 
 
-def outbox_for(sent: list[str], closed: list[tuple[str, int]], **kwargs):
+def outbox_for(sent: list[str], closed: list[tuple[str, int]], send=None, **kwargs):
+    """Returns an outbox that records what it sends and why it closed."""
     from chat.outbox import Outbox, OutboxLimits
 
     async def send_text(text: str) -> None:
@@ -292,7 +293,7 @@ def outbox_for(sent: list[str], closed: list[tuple[str, int]], **kwargs):
     limits = dict(max_frames=100, max_bytes=10_000, stall_seconds=0.3,
                   transport_high_water=1000)
     limits.update(kwargs.pop("limits", {}))
-    return Outbox(send_text, limits=OutboxLimits(**limits), on_overflow=on_overflow,
+    return Outbox(send or send_text, limits=OutboxLimits(**limits), on_overflow=on_overflow,
                   **{"batch": False, **kwargs})
 
 
@@ -345,13 +346,7 @@ async def test_a_send_that_waits_too_long_counts_as_stalled():
     async def never(text: str) -> None:
         await asyncio.sleep(3600)
 
-    from chat.outbox import Outbox, OutboxLimits
-
-    async def on_overflow(reason: str, dropped: int) -> None:
-        closed.append((reason, dropped))
-
-    outbox = Outbox(never, limits=OutboxLimits(100, 10_000, 0.2, 1000), batch=False,
-                    on_overflow=on_overflow)
+    outbox = outbox_for([], closed, send=never, limits={"stall_seconds": 0.2})
     outbox.start()
     outbox.push('"a"')
     outbox.push('"b"')
@@ -360,27 +355,3 @@ async def test_a_send_that_waits_too_long_counts_as_stalled():
         if closed:
             break
     assert closed == [("stalled", 1)]
-
-
-async def test_queue_figures_and_slow_closes_reach_the_admin(
-    connect, alice, room, settings, admin_client
-):
-    from chat import worker
-    from chat.models import Connection, Worker
-
-    a, _ = await connect(alice)
-    group = protocol.room_group_name("lobby")
-    for n in range(3):
-        hub().dispatch(group, _chat_event(typing(f"u{n}")))
-    for _ in range(3):
-        await a.receive()
-    worker.socket_closed_too_slow()
-    assert await worker.report_send_queues() >= 1
-    row = await db(Connection.objects.get, user=alice)
-    assert (row.queued_events, row.peak_queued_events) == (0, 3)
-    lease = await db(Worker.objects.get, id=presence.WORKER_ID)
-    assert lease.slow_closes >= 1
-    page = await db(admin_client.get, "/admin/chat/connection/")
-    assert b"peak queued events" in page.content.lower()
-    page = await db(admin_client.get, "/admin/chat/worker/")
-    assert b"slow closes" in page.content.lower()

@@ -346,7 +346,11 @@ async def flood_with_a_stuck_reader(start, ws_connect, command) -> None:
         # through what was queued before it, or a reset.
         code = await asyncio.to_thread(stuck.read_until_closed, CLOSE_TIMEOUT)
         assert code in (4008, None), code
-        # The stuck user is gone from the room; the others saw it leave.
+        # The stuck user is gone from the room; the others saw it leave. The
+        # collectors stop first: one socket has one reader at a time.
+        for task in collectors:
+            task.cancel()
+        await asyncio.gather(*collectors, return_exceptions=True)
         await reader.wait_presence(leaves=[stuck_name], timeout=CLOSE_TIMEOUT)
         assert reader.view == {poster_name, reader_name}
     finally:
