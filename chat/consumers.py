@@ -31,6 +31,7 @@ def outbox_limits() -> OutboxLimits:
         max_bytes=settings.CHAT_SEND_QUEUE_BYTES,
         stall_seconds=settings.CHAT_SEND_STALL_SECONDS,
         transport_high_water=settings.CHAT_SEND_TRANSPORT_BYTES,
+        linger=settings.CHAT_SEND_LINGER_MS / 1000,
     )
 
 

@@ -36,6 +36,52 @@ class OutboxLimits:
     stall_seconds: float
     # Bytes the server's transport may hold unsent before the writer waits.
     transport_high_water: int
+    # Seconds a writer waits for more events before it sends (0: at once).
+    linger: float = 0.0
+
+
+class Flusher:
+    """Wakes the writers of a loop's outboxes together, `linger` after the first push.
+
+    One timer for all the sockets of a process rather than one each: every
+    event pushed in the meantime, to any socket, leaves with the same write.
+    A quiet worker (no flush within the last few lingers) wakes them at once,
+    so lingering costs latency only while batching pays.
+    """
+
+    # A flush this many lingers after the previous one counts as quiet.
+    QUIET_LINGERS = 4
+
+    def __init__(self) -> None:
+        self._due: list[Outbox] = []
+        self._handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_flush = float("-inf")
+
+    def add(self, outbox: Outbox, linger: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A new event loop (tests run one each): what was due on the old
+            # one is gone with it.
+            for stale in self._due:
+                stale._due = False
+            self._due, self._handle, self._loop = [], None, loop
+        self._due.append(outbox)
+        if self._handle is None:
+            if loop.time() - self._last_flush > linger * self.QUIET_LINGERS:
+                self._handle = loop.call_soon(self._flush)
+            else:
+                self._handle = loop.call_later(linger, self._flush)
+
+    def _flush(self) -> None:
+        self._last_flush = self._loop.time()
+        due, self._due, self._handle = self._due, [], None
+        for outbox in due:
+            outbox._due = False
+            outbox._wake.set()
+
+
+_flusher = Flusher()
 
 
 class Outbox:
@@ -61,6 +107,7 @@ class Outbox:
         self.queued_bytes = 0
         self.peak_frames = 0
         self.closed = False
+        self._due = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -82,7 +129,11 @@ class Outbox:
         self.queued_bytes += size
         if len(self.queue) > self.peak_frames:
             self.peak_frames = len(self.queue)
-        self._wake.set()
+        if self.limits.linger <= 0:
+            self._wake.set()
+        elif not self._due:
+            self._due = True
+            _flusher.add(self, self.limits.linger)
 
     def start(self) -> None:
         """Begins writing (after `welcome`, which must go first)."""

@@ -22,7 +22,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
@@ -176,9 +176,13 @@ def connection_open(
         locked = Room.objects.select_for_update().get(pk=room.pk)
         # The socket counts only while this worker's lease row exists.
         worker_heartbeat()
-        if user_socket_count(user=user) >= max_per_user:
+        # One query for both: the user's sockets everywhere, and here.
+        counts = live_connections().filter(user=user).aggregate(
+            everywhere=Count("id"), here=Count("id", filter=Q(room=locked))
+        )
+        if counts["everywhere"] >= max_per_user:
             raise TooManyConnections(user.get_username())
-        first = not live_connections().filter(room=locked, user=user).exists()
+        first = counts["here"] == 0
         Connection.objects.create(
             room=locked,
             user=user,

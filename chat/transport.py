@@ -40,12 +40,48 @@ def scope_probe(scope: dict[str, Any]) -> TransportProbe | None:
     return (scope.get("extensions") or {}).get(EXTENSION)
 
 
+def _install_eager_writes() -> None:
+    """Makes Twisted's TCP transports write at once when nothing is waiting.
+
+    Twisted buffers every write and sends it on the reactor's next turn, which
+    costs two epoll registrations and a callback per frame: with the event
+    loop's own transports (asyncio, uvicorn) a write first tries the socket.
+    This does the same; anything the kernel does not take is buffered as
+    before, so the probe above still sees a socket that does not drain.
+    """
+    from twisted.internet import tcp
+
+    if getattr(tcp.Connection.write, "chat_eager", False):
+        return
+    buffered_write = tcp.Connection.write
+
+    def write(self, data: bytes) -> None:
+        if (
+            data
+            and self.connected
+            and not self._writeDisconnected
+            and not getattr(self, "TLS", False)
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+        ):
+            sent = self.writeSomeData(data)
+            if isinstance(sent, int):
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        buffered_write(self, data)
+
+    write.chat_eager = True
+    tcp.Connection.write = write
+
+
 def install() -> bool:
     """Adds the probe to every WebSocket scope daphne builds; True if daphne is here."""
     try:
         from daphne.server import Server
     except ImportError:
         return False
+    _install_eager_writes()
     if getattr(Server.create_application, "chat_probe", False):
         return True
     create_application = Server.create_application

@@ -167,7 +167,11 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
-        conn_max_age=env_int("DJANGO_CONN_MAX_AGE", 0),
+        # Kept open: every database call of a consumer (channels'
+        # database_sync_to_async) would otherwise reconnect, and on SQLite
+        # run the PRAGMAs below again.
+        conn_max_age=env_int("DJANGO_CONN_MAX_AGE", 600),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -264,6 +268,10 @@ CHAT_SEND_QUEUE_BYTES = env_int("CHAT_SEND_QUEUE_BYTES", 1024 * 1024)
 CHAT_SEND_STALL_SECONDS = env_int("CHAT_SEND_STALL_SECONDS", 10)
 # Bytes daphne's transport may hold unsent for a socket before its writer waits.
 CHAT_SEND_TRANSPORT_BYTES = env_int("CHAT_SEND_TRANSPORT_BYTES", 64 * 1024)
+# How long a socket's writer waits for more events before it sends: under load
+# the events of several broadcasts then leave in one frame (chat.batch), and a
+# busy room costs a write per socket per interval, not per message.
+CHAT_SEND_LINGER_MS = env_int("CHAT_SEND_LINGER_MS", 20)
 # Presence: joins and leaves in a room go out as one diff per this interval,
 # and `welcome` lists at most a page of members (a client asks for more).
 CHAT_PRESENCE_INTERVAL_MS = env_int("CHAT_PRESENCE_INTERVAL_MS", 500)

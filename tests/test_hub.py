@@ -270,9 +270,9 @@ def test_a_handshake_is_one_database_call_of_a_fixed_number_of_queries(
         )
     assert opened_room == room and welcome["members"] == ["alice", "bob"]
     assert noted == [("lobby", "bob"), ("lobby", "alice")]
-    # room, ban, [savepoint, room lock, lease, socket count, first?, insert,
-    # release], backlog, members page.
-    assert len(queries) == 11, "\n".join(q["sql"] for q in queries)
+    # room, ban, [begin, room lock, lease, socket counts, insert, commit],
+    # backlog, members page.
+    assert len(queries) == 10, "\n".join(q["sql"] for q in queries)
 
 
 # ---------------------------------------------------------------------------
