@@ -45,18 +45,18 @@ class Flusher:
 
     One timer for all the sockets of a process rather than one each: every
     event pushed in the meantime, to any socket, leaves with the same write.
-    A quiet worker (no flush within the last few lingers) wakes them at once,
-    so lingering costs latency only while batching pays.
+    A quiet worker (its last write round ended a few lingers ago) wakes them
+    at once, so lingering costs latency only while the writes keep it busy.
     """
 
-    # A flush this many lingers after the previous one counts as quiet.
+    # A push this many lingers after the last round of writes ended is quiet.
     QUIET_LINGERS = 4
 
     def __init__(self) -> None:
         self._due: list[Outbox] = []
         self._handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_flush = float("-inf")
+        self._last_round_end = float("-inf")
 
     def add(self, outbox: Outbox, linger: float) -> None:
         loop = asyncio.get_running_loop()
@@ -68,17 +68,22 @@ class Flusher:
             self._due, self._handle, self._loop = [], None, loop
         self._due.append(outbox)
         if self._handle is None:
-            if loop.time() - self._last_flush > linger * self.QUIET_LINGERS:
+            if loop.time() - self._last_round_end > linger * self.QUIET_LINGERS:
                 self._handle = loop.call_soon(self._flush)
             else:
                 self._handle = loop.call_later(linger, self._flush)
 
     def _flush(self) -> None:
-        self._last_flush = self._loop.time()
         due, self._due, self._handle = self._due, [], None
         for outbox in due:
             outbox._due = False
             outbox._wake.set()
+        # Runs after the woken writers (callbacks run in order), whose sends on
+        # daphne complete without waiting: that is when the round of writes ends.
+        self._loop.call_soon(self._round_done)
+
+    def _round_done(self) -> None:
+        self._last_round_end = self._loop.time()
 
 
 _flusher = Flusher()

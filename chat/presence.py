@@ -17,8 +17,6 @@ import socket
 import threading
 from datetime import timedelta
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -87,7 +85,10 @@ def workers_sweep() -> int:
     """Forgets every socket of a worker whose lease ran out; returns how many.
 
     Each socket goes as if it had closed, so a user with no socket left
-    elsewhere gets a `leave`. Safe to run from several workers at once.
+    elsewhere gets a `leave`. A handful of queries however many sockets the
+    dead worker held (a worker's thousands must not hold up the database
+    thread that every handshake waits on). Safe to run from several workers
+    at once.
     """
     dead_workers = list(
         Worker.objects.filter(heartbeat_at__lt=_lease_cutoff()).values_list(
@@ -95,29 +96,37 @@ def workers_sweep() -> int:
         )
     )
     # Rows of a worker with no lease row at all are dead too.
-    orphans = Connection.objects.exclude(worker__in=Worker.objects.values("id"))
-    stale = list(
-        Connection.objects.filter(worker__in=dead_workers).values_list(
-            "channel_name", "room__slug", "user_id"
+    stale = Connection.objects.filter(
+        Q(worker__in=dead_workers) | ~Q(worker__in=Worker.objects.values("id"))
+    )
+    with transaction.atomic():
+        rows = list(
+            stale.values_list("room_id", "user_id", "room__slug", "user__username")
         )
-    ) + list(orphans.values_list("channel_name", "room__slug", "user_id"))
-    for channel_name, room_slug, user_id in stale:
-        connection_close(channel_name=channel_name)
-        _discard_from_groups(channel_name, room_slug, user_id)
+        if rows:
+            stale.delete()
+            gone = {(room, user): (slug, name) for room, user, slug, name in rows}
+            still_here = set(
+                live_connections()
+                .filter(
+                    room_id__in={room for room, _ in gone},
+                    user_id__in={user for _, user in gone},
+                )
+                .values_list("room_id", "user_id")
+            )
+            for pair, (slug, name) in gone.items():
+                if pair not in still_here:
+                    transaction.on_commit(lambda slug=slug, name=name: diffs.note(slug, name))
+    # No group_discard for the dead sockets: with the hub their channels were
+    # never in a layer group (their worker's was, until the group expiry), and
+    # the pub/sub layer's subscriptions died with the process.
     if dead_workers:
         Worker.objects.filter(id__in=dead_workers, heartbeat_at__lt=_lease_cutoff()).delete()
+    if rows or dead_workers:
         logger.info(
-            "swept %d socket(s) of dead worker(s) %s", len(stale), ", ".join(dead_workers)
+            "swept %d socket(s) of dead worker(s) %s", len(rows), ", ".join(dead_workers)
         )
-    return len(stale)
-
-
-def _discard_from_groups(channel_name: str, room_slug: str, user_id: int) -> None:
-    # The dead worker never left its groups; without this its channels would
-    # stay in them (and be sent to) until the layer's group expiry.
-    layer = get_channel_layer()
-    for group in (protocol.room_group_name(room_slug), protocol.user_group_name(user_id)):
-        async_to_sync(layer.group_discard)(group, channel_name)
+    return len(rows)
 
 
 # ---------------------------------------------------------------------------

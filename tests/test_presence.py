@@ -235,3 +235,20 @@ def test_members_come_in_pages(room, make_user):
     assert presence.room_members(room=room, limit=3) == (["alice", "bob", "carol"], True)
     assert presence.room_members(room=room, after="carol", limit=3) == (["dave"], False)
     assert presence.room_member_count(room=room) == 4
+
+
+def test_a_sweep_costs_the_same_queries_for_any_number_of_sockets(room, make_user):
+    """A dead worker's thousands of sockets must not hold up the database thread."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def sweep_of(count: int, worker_id: str) -> int:
+        for index in range(count):
+            open_on(worker_id, room, make_user(f"{worker_id}-{index}"), f"{worker_id}-c{index}")
+        kill_worker(worker_id)
+        with CaptureQueriesContext(connection) as queries:
+            assert presence.workers_sweep() == count
+        return len(queries)
+
+    assert sweep_of(2, "small") == sweep_of(40, "large")
+    assert Connection.objects.count() == 0
