@@ -82,6 +82,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
         except Exception:
             logger.debug("the socket was already gone", exc_info=True)
+        # Redis is away: leave the groups in this worker only, not upstream.
+        hub = getattr(self.channel_layer, "hub", None)
+        if hub is not None:
+            hub.drop(self.channel_name, self.groups_joined)
         self.groups_joined = ()
         await self.disconnect(protocol.CLOSE_TRY_AGAIN_LATER)
 

@@ -310,3 +310,15 @@ async def post(client: Client, text: str, **extra: Any) -> dict[str, Any]:
 async def db(func, *args, **kwargs):
     """Runs a sync ORM call from an async test."""
     return await database_sync_to_async(func)(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
+    """Tests close database connections after each call (CONN_MAX_AGE 0).
+
+    The consumers' database thread would otherwise keep its connection past
+    the last test, and PostgreSQL refuses to drop a database still in use.
+    """
+    from django.conf import settings
+
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0

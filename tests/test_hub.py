@@ -297,6 +297,14 @@ def outbox_for(sent: list[str], closed: list[tuple[str, int]], send=None, **kwar
                   **{"batch": False, **kwargs})
 
 
+async def until(condition, timeout: float = 2.0) -> None:
+    """Waits (bounded) until `condition()` is true."""
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_an_outbox_closes_a_socket_whose_transport_does_not_drain():
     sent: list[str] = []
     closed: list[tuple[str, int]] = []
@@ -304,10 +312,7 @@ async def test_an_outbox_closes_a_socket_whose_transport_does_not_drain():
     outbox.start()
     outbox.push('"a"')
     outbox.push('"b"')
-    for _ in range(40):
-        await asyncio.sleep(0.05)
-        if closed:
-            break
+    await until(lambda: closed)
     assert closed == [("stalled", 2)] and sent == []
 
 
@@ -322,10 +327,7 @@ async def test_an_outbox_waits_for_its_transport_and_then_sends_in_order():
     await asyncio.sleep(0.1)
     assert sent == []
     backlog[0] = 0
-    for _ in range(20):
-        await asyncio.sleep(0.05)
-        if sent:
-            break
+    await until(lambda: sent)
     assert sent == ['["a","b","c"]'] and closed == []
 
 
@@ -350,8 +352,29 @@ async def test_a_send_that_waits_too_long_counts_as_stalled():
     outbox.start()
     outbox.push('"a"')
     outbox.push('"b"')
-    for _ in range(40):
-        await asyncio.sleep(0.05)
-        if closed:
-            break
+    await until(lambda: closed)
     assert closed == [("stalled", 1)]
+
+
+async def test_queue_figures_and_slow_closes_reach_the_admin(
+    connect, alice, room, settings, admin_client
+):
+    from chat import worker
+    from chat.models import Connection, Worker
+
+    a, _ = await connect(alice)
+    group = protocol.room_group_name("lobby")
+    for n in range(3):
+        hub().dispatch(group, _chat_event(typing(f"u{n}")))
+    for _ in range(3):
+        await a.receive()
+    worker.socket_closed_too_slow()
+    assert await worker.report_send_queues() >= 1
+    row = await db(Connection.objects.get, user=alice)
+    assert (row.queued_events, row.peak_queued_events) == (0, 3)
+    lease = await db(Worker.objects.get, id=presence.WORKER_ID)
+    assert lease.slow_closes >= 1
+    page = await db(admin_client.get, "/admin/chat/connection/")
+    assert b"peak queued events" in page.content.lower()
+    page = await db(admin_client.get, "/admin/chat/worker/")
+    assert b"slow closes" in page.content.lower()

@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     PLAIN_DAPHNE_COMMAND,
     RECEIVE_TIMEOUT,
     REPO_ROOT,
+    SETUP_SCRIPT,
     WORKER_COMMAND,
     ChatSocket,
     DaphneServer,
@@ -103,22 +104,6 @@ def start(daphne_factory, template_db, tmp_path) -> Callable[..., DaphneServer]:
     return start_worker
 
 
-SETUP_SCRIPT = """
-import json, sys
-from django.contrib.auth import get_user_model
-from django.test import Client
-from chat.models import Room
-
-spec = json.load(sys.stdin)
-for slug in spec["rooms"]:
-    Room.objects.get_or_create(slug=slug)
-sessions = {}
-for username in spec["users"]:
-    client = Client()
-    client.force_login(get_user_model().objects.create_user(username))
-    sessions[username] = client.cookies["sessionid"].value
-print(json.dumps(sessions))
-"""
 
 
 def make_users(
