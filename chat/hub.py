@@ -87,6 +87,21 @@ class Hub:
                 del self.joined[group]
                 await self.layer.upstream_group_discard(group, await self.channel())
 
+    def drop(self, channel: str, groups) -> None:
+        """Forgets a socket's memberships here only (the layer is unreachable).
+
+        A group left with no local socket is no longer counted as joined, so
+        the next socket joins it upstream again: after a Redis outage the
+        server may have lost it.
+        """
+        for group in groups:
+            channels = self.members.get(group)
+            if channels is not None:
+                channels.discard(channel)
+                if not channels:
+                    del self.members[group]
+                    self.joined.pop(group, None)
+
     async def refresh(self, older_than: float) -> int:
         """Joins again the groups joined more than `older_than` seconds ago."""
         if not self.layer.hub_upstream:

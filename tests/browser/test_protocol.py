@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from contextlib import ExitStack
 
 from playwright.sync_api import expect
@@ -75,6 +76,17 @@ def hold_sockets(stack: ExitStack, server, accounts, room: str) -> dict:
         )
         assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
         sockets[account.username] = ws
+    if accounts:
+        # The last one's own join comes in a presence diff (to every socket,
+        # its own too) that also carries every join before it: once it is
+        # here, no diff about these sockets can reach a page opened later.
+        last = accounts[-1].username
+        deadline = time.monotonic() + 5
+        while True:
+            frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            events = frame if isinstance(frame, list) else [frame]
+            if any(e.get("type") == "presence" and last in e["joins"] for e in events):
+                break
     return sockets
 
 
