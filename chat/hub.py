@@ -57,9 +57,6 @@ class Hub:
         """Forgets a socket (its groups are left with group_discard first)."""
         self.sinks.pop(channel, None)
 
-    def local_groups(self) -> list[str]:
-        return [group for group, channels in self.members.items() if channels]
-
     # -- membership ----------------------------------------------------------
 
     async def add(self, group: str, channel: str) -> None:
@@ -116,12 +113,6 @@ class Hub:
     def forget_upstream(self) -> None:
         """Called when the layer's server lost every group (a Redis restart)."""
         self.joined.clear()
-
-    def stop_reader(self) -> None:
-        """Ends the reader (the layer's connections are being closed)."""
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-        self._reader = None
 
     def _lock(self, group: str) -> asyncio.Lock:
         lock = self._locks.get(group)
