@@ -12,6 +12,20 @@ from chat import protocol, services
 from chat.forms import RoomForm, SignUpForm
 
 
+def room_page_limits() -> dict[str, int]:
+    """Returns the server limits the room page's script needs (data-* attributes)."""
+    return {
+        "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
+        "history_max": settings.CHAT_HISTORY_MAX,
+        "typing_interval_ms": settings.CHAT_TYPING_INTERVAL_SECONDS * 1000,
+    }
+
+
+def lobby_page_limits() -> dict[str, str]:
+    """Returns the server rules the lobby page's script checks (data-* attributes)."""
+    return {"room_name_pattern": protocol.ROOM_NAME_PATTERN.pattern}
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def lobby(request: HttpRequest) -> HttpResponse:
@@ -24,7 +38,7 @@ def lobby(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "chat/lobby.html",
-        {"rooms": services.room_list(), "form": form},
+        {"rooms": services.room_list(), "form": form, "limits": lobby_page_limits()},
         status=status,
     )
 
@@ -44,7 +58,7 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
     return render(
         request,
         "chat/room.html",
-        {"room": found, "max_length": settings.CHAT_MAX_MESSAGE_LENGTH},
+        {"room": found, "limits": room_page_limits()},
     )
 
 

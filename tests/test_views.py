@@ -200,7 +200,7 @@ def test_room_page_mounts_the_chat_client(signed_in, room):
     assert response.status_code == 200
     assert 'data-room="lobby"' in html
     assert 'data-user="alice"' in html
-    assert '<script src="/static/chat/chat.js"></script>' in html
+    assert '<script type="module" src="/static/chat/room.js"></script>' in html
 
 
 def test_missing_room_with_a_valid_name_offers_to_create_it(signed_in):

@@ -41,7 +41,8 @@ SOCKETS = "/admin/chat/connection/"
 BANS = "/admin/chat/roomban/"
 USERS = "/admin/auth/user/"
 
-# chat.js's text for close code 4403 (any other 44xx says "Disconnected (…)").
+# The page's text for close code 4403, in connection.js (any other 44xx says
+# "Disconnected (…)").
 REMOVED = "You were removed from this room, or are not allowed in it."
 
 CSRF_INPUT = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
@@ -170,7 +171,7 @@ def watch_sockets(page: Page) -> list[WebSocket]:
 def expect_removed(page: Page) -> None:
     """The page was closed with 4403: it says so and schedules no reconnect.
 
-    chat.js decides in the close handler itself: a retry would show
+    The page decides in the close handler itself: a retry would show
     "reconnecting" with a countdown and the "Reconnect now" button at once.
     """
     expect(page.locator("body")).to_have_attribute("data-connection", "offline")

@@ -30,8 +30,8 @@ from tests.browser.conftest import (
 
 SOCKETS = re.compile(r"/ws/chat/")
 
-# Records the page's sockets and every frame they receive, before chat.js
-# sees it. With `protocols = null` the page asks for no subprotocol.
+# Records the page's sockets and every frame they receive, before the page's
+# scripts see it. With `protocols = null` the page asks for no subprotocol.
 RECORD_SOCKETS = """(() => {
     const Native = window.WebSocket;
     const forced = %s;

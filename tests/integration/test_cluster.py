@@ -380,10 +380,10 @@ def assert_undisturbed(group: Sequence[RoomClient]) -> None:
 
 def test_nginx_serves_static_files_and_workers_do_not(cluster):
     """DEBUG is off: only nginx (from STATIC_ROOT after collectstatic) has them."""
-    status, body = http_get(f"{cluster.url}/static/chat/chat.js")
+    status, body = http_get(f"{cluster.url}/static/chat/room.js")
     assert status == 200
-    assert body == (cluster.static_root / "chat" / "chat.js").read_bytes()
-    status, _ = http_get(f"{cluster.workers[0].base_url}/static/chat/chat.js")
+    assert body == (cluster.static_root / "chat" / "room.js").read_bytes()
+    status, _ = http_get(f"{cluster.workers[0].base_url}/static/chat/room.js")
     assert status == 404
 
 

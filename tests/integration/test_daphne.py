@@ -170,18 +170,23 @@ async def test_foreign_origin_is_refused_at_the_handshake(daphne, ws_connect):
 # ---------------------------------------------------------------------------
 
 
-def test_room_page_loads_chat_js_served_by_daphne(daphne):
+def test_room_page_loads_its_scripts_served_by_daphne(daphne):
     """Under DEBUG a bare daphne must serve /static/ itself, or the page is dead."""
     alice = new_account(daphne.base_url, "alice")
     page = signed_in_session(daphne.base_url, alice.sessionid).get("/chat/general/")
     assert page.status == 200
     assert page.url == f"{daphne.base_url}/chat/general/"  # not sent to the login
-    assert "/static/chat/chat.js" in page.text
+    assert "/static/chat/room.js" in page.text
 
-    script = HttpSession(daphne.base_url).get("/static/chat/chat.js")
+    # An ES module: a browser runs it only when it is served as JavaScript.
+    script = HttpSession(daphne.base_url).get("/static/chat/room.js")
     assert script.status == 200
     assert "javascript" in script.headers.get("Content-Type", "")
-    assert "new WebSocket(" in script.text
+    assert 'from "./connection.js"' in script.text
+    imported = HttpSession(daphne.base_url).get("/static/chat/connection.js")
+    assert imported.status == 200
+    assert "javascript" in imported.headers.get("Content-Type", "")
+    assert "new WebSocket(" in imported.text
 
 
 # ---------------------------------------------------------------------------
