@@ -52,7 +52,8 @@ test: venv system-packages
 test-postgres: venv system-packages
 	bin/with-postgres $(PY) -m pytest -p no:cacheprovider \
 	  tests/test_consumers.py tests/test_services.py tests/test_presence.py \
-	  tests/test_api.py
+	  tests/test_api.py tests/test_openapi.py tests/test_tokens.py \
+	  tests/test_commands.py tests/test_admin.py
 
 ## bench: the chat against the Channels tutorial's consumer (docs/performance.md); BENCH_ARGS="--rounds 1 --scale 0.2"
 .PHONY: bench

@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server, users and rooms, WebSocket communicators."""
+"""Shared fixtures: a real redis-server, users and rooms, WebSocket communicators,
+and the HTTP API's test client, whose every answer is checked against the spec.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +21,18 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.core.cache import caches
+from django.test import AsyncClient
+from django.test import Client as HttpClient
+from openapi_core import Config, OpenAPI
+from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
+from openapi_core.exceptions import OpenAPIError
+from openapi_core.templating.paths.exceptions import OperationNotFound, PathNotFound
+from openapi_schema_validator import OAS31Validator, oas31_format_checker
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
+from chat import tokens
 from chat.models import Room
 
 RECEIVE_TIMEOUT = 3
@@ -322,3 +336,202 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -
     from django.conf import settings
 
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
+# ---------------------------------------------------------------------------
+# HTTP API: docs/openapi.json, the test client, tokens
+# ---------------------------------------------------------------------------
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+# Not validated here, where a broken document would stop every test of the
+# suite: test_openapi.py validates it (openapi-spec-validator).
+OPENAPI = OpenAPI.from_file_path(
+    str(SPEC_PATH), config=Config(spec_validator_cls=None)
+)
+# Where $refs into the spec resolve for openapi-schema-validator.
+SPEC_URI = "urn:chat:openapi"
+SPEC_REGISTRY = Registry().with_resource(
+    SPEC_URI, Resource.from_contents(SPEC, default_specification=DRAFT202012)
+)
+
+ROOMS = "/api/rooms/"
+LOBBY_MESSAGES = "/api/rooms/lobby/messages/"
+NOTHING = object()
+
+
+def spec_operations() -> list[tuple[str, str]]:
+    """Returns (method, path template) for every operation in the spec."""
+    return [
+        (method, path)
+        for path, item in SPEC["paths"].items()
+        for method in item
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+
+
+def spec_schema(pointer: str) -> OAS31Validator:
+    """Returns a validator of the spec's schema at `pointer` ("/components/...")."""
+    return OAS31Validator(
+        {"$ref": f"{SPEC_URI}#{pointer}"},
+        registry=SPEC_REGISTRY,
+        format_checker=oas31_format_checker,
+    )
+
+
+class SpecRequest(DjangoOpenAPIRequest):
+    """A test client's request as openapi-core should match it against the spec."""
+
+    # The test client's "testserver" stands for the server the spec names.
+    host_url = SPEC["servers"][0]["url"]
+    # Only responses are checked, and the API reads its body as a stream (to
+    # hold its size limit), which leaves request.body unreadable.
+    body = b""
+    # The routes are regexes (re_path), which openapi-core cannot read as
+    # templates: it matches the path against the spec's paths instead.
+    path_pattern = None
+
+    @property
+    def path(self) -> str:
+        # The API takes its paths with or without the trailing slash.
+        return self.request.path.removesuffix("/") + "/"
+
+
+def explain(error: Exception) -> str:
+    """Returns an openapi-core error with the schema errors that caused it."""
+    lines = [repr(error)]
+    cause = error.__cause__
+    while cause is not None:
+        lines.append(repr(cause))
+        lines += [
+            f"  at {'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}"
+            for e in getattr(cause, "schema_errors", ())
+        ]
+        cause = cause.__cause__
+    return "\n".join(lines)
+
+
+def assert_documented(response) -> None:
+    """Fails unless the spec documents this response (status, body, headers)."""
+    django_request = getattr(response, "wsgi_request", None) or response.asgi_request
+    request = SpecRequest(django_request)
+    call = f"{request.method.upper()} {django_request.get_full_path()}"
+    try:
+        OPENAPI.validate_response(request, DjangoOpenAPIResponse(response))
+    except (PathNotFound, OperationNotFound):
+        # Not an operation of the spec: only a JSON 404 or 405 may come back.
+        assert response.status_code in (404, 405), f"{call}: {response.status_code}"
+        assert response["Content-Type"] == "application/json", response.content[:200]
+        error_schema = spec_schema("/components/schemas/Error")
+        errors = list(error_schema.iter_errors(json.loads(response.content)))
+        assert not errors, f"{call} {response.status_code}: {errors}"
+    except OpenAPIError as error:
+        pytest.fail(
+            f"{call} {response.status_code}: not a response docs/openapi.json "
+            f"documents:\n{explain(error)}\n{response.content[:500]!r}"
+        )
+
+
+@pytest.fixture
+def fresh_rate_counters(settings) -> None:
+    """Gives a test its own, empty per-process cache for the API's rate counters."""
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "test-api",
+        }
+    }
+    caches["default"].clear()
+
+
+class Api:
+    """Calls the API through Django's test client; every answer is spec-checked."""
+
+    def __init__(self, client: HttpClient | AsyncClient) -> None:
+        self.client = client
+
+    def _args(
+        self,
+        token: str | None,
+        data: Any,
+        body: bytes | str | None,
+        content_type: str,
+        headers: dict[str, str] | None,
+    ) -> dict[str, Any]:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if body is None and data is not NOTHING:
+            body = json.dumps(data)
+        kwargs: dict[str, Any] = {"headers": headers}
+        if body is not None:
+            kwargs.update(data=body, content_type=content_type)
+        return kwargs
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        data: Any = NOTHING,
+        body: bytes | str | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ):
+        args = self._args(token, data, body, content_type, headers)
+        response = self.client.generic(method.upper(), path, **args)
+        assert_documented(response)
+        return response
+
+    async def arequest(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        data: Any = NOTHING,
+        content_type: str = "application/json",
+    ):
+        args = self._args(token, data, None, content_type, None)
+        response = await self.client.generic(method.upper(), path, **args)
+        assert_documented(response)
+        return response
+
+    def get(self, path: str, **kwargs: Any):
+        return self.request("get", path, **kwargs)
+
+    def post(self, path: str, data: Any = NOTHING, **kwargs: Any):
+        return self.request("post", path, data=data, **kwargs)
+
+
+@pytest.fixture
+def api(client, fresh_rate_counters) -> Api:
+    return Api(client)
+
+
+@pytest.fixture
+def make_token(alice) -> Callable[..., str]:
+    """Returns make(owner=alice, **fields) -> the raw token of a new ApiToken."""
+
+    def make(owner=None, **fields: Any) -> str:
+        _, raw = tokens.api_token_create(
+            owner=owner or alice, name=fields.pop("name", "test"), **fields
+        )
+        return raw
+
+    return make
+
+
+@pytest.fixture
+def publisher(make_token, room) -> str:
+    return make_token(can_publish=True, can_push=True)
+
+
+def assert_error(response, status: int, code: str) -> dict[str, Any]:
+    """Asserts an API error response's status and code; returns its body."""
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert body["error"] == code, body
+    assert body["detail"], "an error must say what is wrong"
+    return body

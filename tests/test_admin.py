@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -9,14 +10,26 @@ from django.contrib.auth.models import Permission
 from django.test import Client as HttpClient
 from django.utils import timezone
 
-from chat import presence, protocol, services
-from chat.models import Connection, Message, ModerationAction, Room, RoomBan, Worker
-from tests.conftest import assert_event, db, post
+from chat import api as chat_api
+from chat import presence, protocol, services, tokens
+from chat.models import (
+    ApiToken,
+    Connection,
+    Message,
+    ModerationAction,
+    Room,
+    RoomBan,
+    Worker,
+)
+from tests.conftest import LOBBY_MESSAGES
+from tests.conftest import ROOMS as API_ROOMS
+from tests.conftest import assert_error, assert_event, db, post
 
 ROOMS = "/admin/chat/room/"
 MESSAGES = "/admin/chat/message/"
 SOCKETS = "/admin/chat/connection/"
 BANS = "/admin/chat/roomban/"
+TOKENS = "/admin/chat/apitoken/"
 
 
 def open_socket(room: Room, user, channel: str, worker: str | None = None) -> None:
@@ -307,3 +320,42 @@ async def test_an_expired_ban_lets_the_user_back(connect, admin_user, bob, room)
     )
     _, welcome = await connect(bob)
     assert welcome["user"] == "bob"
+
+
+# ---------------------------------------------------------------------------
+# API tokens
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_admin_add_shows_the_raw_token_once(admin_client, alice, room, api):
+    response = admin_client.post(
+        TOKENS + "add/",
+        {"name": "ci", "owner": alice.pk, "can_publish": "on", "author_name": ""},
+        follow=True,
+    )
+    assert response.status_code == 200
+    token = ApiToken.objects.get()
+    notes = [str(m) for m in response.context["messages"]]
+    raws = re.findall(r"chat_[A-Za-z0-9_-]{43}", " ".join(notes))
+    assert len(raws) == 1, notes
+    assert token.token_hash == tokens.token_hash(raws[0])
+    assert api.post(LOBBY_MESSAGES, {"message": "x"}, token=raws[0]).status_code == 201
+    # Shown once: pages after that show the prefix, never the token or its hash.
+    for page in (TOKENS, f"{TOKENS}{token.pk}/change/"):
+        html = admin_client.get(page).content.decode()
+        assert token.prefix in html
+        assert raws[0] not in html and token.token_hash not in html
+
+
+@pytest.mark.django_db
+def test_admin_revoke_action(admin_client, alice, api):
+    token, raw = tokens.api_token_create(owner=alice, name="ci")
+    response = admin_client.post(
+        TOKENS,
+        {"action": "revoke_tokens", "_selected_action": [token.pk]},
+    )
+    assert response.status_code == 302
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    assert_error(api.get(API_ROOMS, token=raw), 401, chat_api.ERROR_INVALID_TOKEN)

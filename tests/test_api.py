@@ -1,277 +1,38 @@
-"""The HTTP API: every endpoint and error, checked against docs/openapi.json.
+"""The HTTP API (chat/api.py): publish, push, read, authentication, rate limit, errors.
 
-Every response a test gets through `Api` is checked against the spec (status
-documented, body valid for its schema, documented headers present), and
-test_every_documented_status_is_produced makes each documented status happen.
+Every response a test gets through `Api` (tests/conftest.py) is checked against
+docs/openapi.json by openapi-core; tests/test_openapi.py checks the spec itself.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
 import redis
-from django.core.cache import caches
-from django.core.management import CommandError, call_command
 from django.test import AsyncClient, Client
-from django.urls import reverse
+from django.urls import resolve, reverse
 
 from chat import api as chat_api
-from chat import api_urls, protocol, services, tokens
+from chat import protocol, services, tokens
 from chat.models import ApiToken, Message, Room
-from chatproject.settings import caches_from_env, channel_layers_from_env
-from tests.conftest import assert_event, db, free_port
+from chatproject.settings import caches_from_env
+from tests.conftest import (
+    LOBBY_MESSAGES,
+    ROOMS,
+    SPEC,
+    Api,
+    assert_error,
+    assert_event,
+    db,
+)
 
-pytestmark = pytest.mark.django_db
-
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-SPEC = json.loads((DOCS / "openapi.json").read_text())
-API_DOC = (DOCS / "api.md").read_text()
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-
-ROOMS = "/api/rooms/"
-LOBBY_MESSAGES = "/api/rooms/lobby/messages/"
-NOTHING = object()
-
-
-# ---------------------------------------------------------------------------
-# A tiny JSON Schema checker: the subset docs/openapi.json uses, no more
-# ---------------------------------------------------------------------------
-
-SCHEMA_KEYWORDS = {
-    "$ref", "type", "properties", "required", "additionalProperties", "items",
-    "enum", "const", "minimum", "maximum", "format", "pattern", "description",
-}  # fmt: skip
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
-TYPES: dict[str, Callable[[Any], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
-
-
-def resolve(node: dict[str, Any]) -> dict[str, Any]:
-    """Follows a local $ref ("#/components/...") to what it names."""
-    while "$ref" in node:
-        target: Any = SPEC
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        node = target
-    return node
-
-
-def schema_errors(schema: dict[str, Any], value: Any, where: str = "$") -> list[str]:
-    """Returns what is wrong with `value` under `schema` (empty when it is valid)."""
-    schema = resolve(schema)
-    unknown = set(schema) - SCHEMA_KEYWORDS
-    assert not unknown, f"the checker does not know {unknown} (at {where})"
-    if "const" in schema and value != schema["const"]:
-        return [f"{where}: {value!r} is not {schema['const']!r}"]
-    if "enum" in schema and value not in schema["enum"]:
-        return [f"{where}: {value!r} is not one of {schema['enum']}"]
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(TYPES[kind](value) for kind in types):
-            return [f"{where}: {value!r} is not of type {types}"]
-    errors: list[str] = []
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        errors += [
-            f"{where}: {name!r} is missing"
-            for name in schema.get("required", [])
-            if name not in value
-        ]
-        if schema.get("additionalProperties") is False:
-            errors += [
-                f"{where}: {name!r} is not in the schema"
-                for name in value
-                if name not in properties
-            ]
-        for name, sub in properties.items():
-            if name in value:
-                errors += schema_errors(sub, value[name], f"{where}.{name}")
-    if isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            errors += schema_errors(schema["items"], item, f"{where}[{index}]")
-    if TYPES["number"](value):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{where}: {value} < {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{where}: {value} > {schema['maximum']}")
-    if isinstance(value, str):
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
-        if schema.get("format") == "date-time" and not TIMESTAMP.fullmatch(value):
-            errors.append(f"{where}: {value!r} is not a date-time")
-    return errors
-
-
-def spec_operations() -> list[tuple[str, str]]:
-    """Returns (method, path template) for every operation in the spec."""
-    return [
-        (method, path)
-        for path, item in SPEC["paths"].items()
-        for method in item
-        if method in {"get", "post", "put", "patch", "delete"}
-    ]
-
-
-def spec_template(path: str) -> str | None:
-    """Returns the spec's path template that `path` matches, or None."""
-    path = path.split("?", 1)[0]
-    for template in SPEC["paths"]:
-        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(template))
-        # The API takes its paths with or without the trailing slash.
-        if re.fullmatch(pattern.removesuffix("/") + "/?", path):
-            return template
-    return None
-
-
-def check_against_spec(method: str, path: str, response) -> None:
-    """Fails unless the response is JSON the spec documents for this call."""
-    assert response["Content-Type"] == "application/json", response.content[:200]
-    data = json.loads(response.content)
-    template = spec_template(path)
-    operation = SPEC["paths"].get(template, {}).get(method.lower())
-    if operation is None:
-        # Not an operation of the spec: only a JSON 404 or 405 may come back.
-        assert response.status_code in (404, 405), response.status_code
-        assert not schema_errors({"$ref": "#/components/schemas/Error"}, data)
-        return
-    status = str(response.status_code)
-    assert status in operation["responses"], (
-        f"{method.upper()} {template} answered {status}, which docs/openapi.json "
-        f"does not document: {data}"
-    )
-    documented = resolve(operation["responses"][status])
-    schema = documented["content"]["application/json"]["schema"]
-    errors = schema_errors(schema, data)
-    assert not errors, f"{method.upper()} {path} {status}: {errors}"
-    for header in documented.get("headers", {}):
-        assert response.has_header(header), f"{status} without {header}"
-
-
-# ---------------------------------------------------------------------------
-# Fixtures
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def fresh_rate_counters(settings) -> None:
-    """Each test gets its own, empty per-process cache for the rate counters."""
-    settings.CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-            "LOCATION": "test-api",
-        }
-    }
-    caches["default"].clear()
-
-
-class Api:
-    """Calls the API through Django's test client; every answer is spec-checked."""
-
-    def __init__(self, client: Client | AsyncClient) -> None:
-        self.client = client
-
-    def _args(
-        self,
-        token: str | None,
-        data: Any,
-        body: bytes | str | None,
-        content_type: str,
-        headers: dict[str, str] | None,
-    ) -> dict[str, Any]:
-        headers = dict(headers or {})
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        if body is None and data is not NOTHING:
-            body = json.dumps(data)
-        kwargs: dict[str, Any] = {"headers": headers}
-        if body is not None:
-            kwargs.update(data=body, content_type=content_type)
-        return kwargs
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        token: str | None = None,
-        data: Any = NOTHING,
-        body: bytes | str | None = None,
-        content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
-    ):
-        args = self._args(token, data, body, content_type, headers)
-        response = self.client.generic(method.upper(), path, **args)
-        check_against_spec(method, path, response)
-        return response
-
-    async def arequest(
-        self,
-        method: str,
-        path: str,
-        *,
-        token: str | None = None,
-        data: Any = NOTHING,
-        content_type: str = "application/json",
-    ):
-        args = self._args(token, data, None, content_type, None)
-        response = await self.client.generic(method.upper(), path, **args)
-        check_against_spec(method, path, response)
-        return response
-
-    def get(self, path: str, **kwargs: Any):
-        return self.request("get", path, **kwargs)
-
-    def post(self, path: str, data: Any = NOTHING, **kwargs: Any):
-        return self.request("post", path, data=data, **kwargs)
-
-
-@pytest.fixture
-def api(client) -> Api:
-    return Api(client)
-
-
-@pytest.fixture
-def make_token(alice) -> Callable[..., str]:
-    """Returns make(owner=alice, **fields) -> the raw token of a new ApiToken."""
-
-    def make(owner=None, **fields: Any) -> str:
-        _, raw = tokens.api_token_create(
-            owner=owner or alice, name=fields.pop("name", "test"), **fields
-        )
-        return raw
-
-    return make
-
-
-@pytest.fixture
-def publisher(make_token, room) -> str:
-    return make_token(can_publish=True, can_push=True)
-
-
-def assert_error(response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert body["error"] == code, body
-    assert body["detail"], "an error must say what is wrong"
-    return body
+# Each test gets its own, empty rate counters (the `api` fixture brings them too).
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_rate_counters")]
 
 
 def stored(room_slug: str = "lobby") -> list[tuple[str, str, str | None]]:
@@ -282,40 +43,12 @@ def stored(room_slug: str = "lobby") -> list[tuple[str, str, str | None]]:
     )
 
 
-# ---------------------------------------------------------------------------
-# Tokens
-# ---------------------------------------------------------------------------
-
-
-def test_only_the_hash_and_a_prefix_of_a_token_are_stored(alice):
-    token, raw = tokens.api_token_create(owner=alice, name="ci", can_publish=True)
-    assert raw.startswith(tokens.TOKEN_MARK) and len(raw) > 40
-    token.refresh_from_db()
-    assert token.token_hash == hashlib.sha256(raw.encode()).hexdigest()
-    assert token.prefix == raw[:12]
-    stored_values = [str(getattr(token, f.attname)) for f in ApiToken._meta.fields]
-    assert raw not in stored_values
-
-
-def test_two_tokens_never_share_a_secret(alice):
-    _, first = tokens.api_token_create(owner=alice, name="a")
-    _, second = tokens.api_token_create(owner=alice, name="b")
-    assert first != second
-
-
-def test_authenticate_marks_the_token_used(api, alice, make_token):
-    raw = make_token()
-    assert ApiToken.objects.get().last_used_at is None
-    assert api.get(ROOMS, token=raw).status_code == 200
-    assert ApiToken.objects.get().last_used_at is not None
-
-
-def test_revoke_is_once_and_for_good(alice):
-    token, raw = tokens.api_token_create(owner=alice, name="ci")
-    assert tokens.api_token_revoke(token=token) is True
-    assert tokens.api_token_revoke(token=token) is False
-    with pytest.raises(tokens.InvalidToken):
-        tokens.api_token_authenticate(raw=raw)
+def spec_template(path: str) -> str:
+    """Returns the spec's path template for an API path, from its route."""
+    match = resolve(path.split("?", 1)[0])
+    kwargs = {name: f"{{{name}}}" for name in match.kwargs}
+    route = unquote(reverse(f"api:{match.url_name}", kwargs=kwargs))
+    return route.removesuffix("/") + "/"  # the slash is optional
 
 
 # ---------------------------------------------------------------------------
@@ -516,6 +249,14 @@ async def test_publish_reaches_the_sockets_in_the_room(
     )
     assert again.status_code == 200
     assert await bob_client.receive_nothing()
+
+
+def test_timestamps_in_responses_are_utc(api, publisher, room):
+    ts = api.post(LOBBY_MESSAGES, {"message": "x"}, token=publisher).json()["ts"]
+    assert (
+        datetime.fromisoformat(ts.replace("Z", "+00:00")).utcoffset().total_seconds()
+        == 0
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -724,6 +465,13 @@ def test_any_live_token_reads_every_room(api, make_token, room):
 # ---------------------------------------------------------------------------
 
 
+def test_authenticate_marks_the_token_used(api, alice, make_token):
+    raw = make_token()
+    assert ApiToken.objects.get().last_used_at is None
+    assert api.get(ROOMS, token=raw).status_code == 200
+    assert ApiToken.objects.get().last_used_at is not None
+
+
 @pytest.mark.parametrize(
     "header",
     [
@@ -876,14 +624,6 @@ def test_rate_limit_fails_open_when_the_cache_is_down(
     assert "rate-limit cache unavailable" in caplog.text
 
 
-def test_the_cache_follows_redis_url():
-    assert caches_from_env(None)["default"]["BACKEND"].endswith("LocMemCache")
-    assert caches_from_env(" ")["default"]["BACKEND"].endswith("LocMemCache")
-    cache = caches_from_env("redis://a:6379/0, redis://b:6379/0")["default"]
-    assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
-    assert cache["LOCATION"] == "redis://a:6379/0"
-
-
 # ---------------------------------------------------------------------------
 # Methods, unknown paths, server errors
 # ---------------------------------------------------------------------------
@@ -931,333 +671,3 @@ def test_unexpected_error_is_a_json_500_without_details(
     assert b"secret internals" not in response.content
     assert b"Traceback" not in response.content
     assert "secret internals" in caplog.text  # the server log has it
-
-
-# ---------------------------------------------------------------------------
-# Every documented status happens (docs/openapi.json ↔ real responses)
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class World:
-    api: Api
-    settings: Any
-    monkeypatch: pytest.MonkeyPatch
-    room: Room
-    full: str  # publish + push, any room
-    reader: str  # no scope
-    restricted: str  # publish, in room "other" only
-
-
-def broken(name: str, call: Callable[[World], Any]) -> Callable[[World], Any]:
-    def scenario(world: World):
-        def fail(*args: Any, **kwargs: Any):
-            raise RuntimeError("boom")
-
-        world.monkeypatch.setattr(services, name, fail)
-        return call(world)
-
-    return scenario
-
-
-def limited(call: Callable[[World], Any]) -> Callable[[World], Any]:
-    def scenario(world: World):
-        world.settings.CHAT_API_RATE_REQUESTS = 1
-        world.settings.CHAT_API_RATE_WINDOW_SECONDS = 3600
-        world.monkeypatch.setattr(tokens, "clock", lambda: 1_000_000.0)
-        call(world)
-        return call(world)
-
-    return scenario
-
-
-def layer_down(call: Callable[[World], Any]) -> Callable[[World], Any]:
-    def scenario(world: World):
-        dead = f"redis://127.0.0.1:{free_port()}/0"
-        world.settings.CHANNEL_LAYERS = channel_layers_from_env(dead)
-        return call(world)
-
-    return scenario
-
-
-def twice(call: Callable[[World], Any]) -> Callable[[World], Any]:
-    def scenario(world: World):
-        call(world)
-        return call(world)
-
-    return scenario
-
-
-def closed(call: Callable[[World], Any]) -> Callable[[World], Any]:
-    def scenario(world: World):
-        Room.objects.filter(pk=world.room.pk).update(is_closed=True)
-        return call(world)
-
-    return scenario
-
-
-def posts(path: str, data: Any = NOTHING, token: str = "full", **kwargs: Any):
-    return lambda w: w.api.post(path, data, token=getattr(w, token, token), **kwargs)
-
-
-def gets(path: str, token: str = "full"):
-    return lambda w: w.api.get(path, token=getattr(w, token, token))
-
-
-PUSH = "/api/users/bob/push/"
-GET_ROOMS, GET_MESSAGES = ("get", "/api/rooms/"), ("get", "/api/rooms/{room}/messages/")
-POST_MESSAGES = ("post", "/api/rooms/{room}/messages/")
-POST_PUSH = ("post", "/api/users/{username}/push/")
-MSG = {"message": "hi", "client_id": "once"}
-SINCE_1, TEXT = LOBBY_MESSAGES + "?since=1", "text/plain"
-
-SCENARIOS: dict[tuple[str, str, str], Callable[[World], Any]] = {
-    (*GET_ROOMS, "200"): gets(ROOMS, "reader"),
-    (*GET_ROOMS, "401"): gets(ROOMS, "not-a-token"),
-    (*GET_ROOMS, "429"): limited(gets(ROOMS)),
-    (*GET_ROOMS, "500"): broken("room_list", gets(ROOMS)),
-    (*GET_MESSAGES, "200"): gets(LOBBY_MESSAGES + "?since=0&limit=5", "reader"),
-    (*GET_MESSAGES, "400"): gets(LOBBY_MESSAGES + "?limit=0"),
-    (*GET_MESSAGES, "401"): gets(LOBBY_MESSAGES, "not-a-token"),
-    (*GET_MESSAGES, "403"): gets(LOBBY_MESSAGES, "restricted"),
-    (*GET_MESSAGES, "404"): gets("/api/rooms/nowhere/messages/"),
-    (*GET_MESSAGES, "429"): limited(gets(LOBBY_MESSAGES)),
-    (*GET_MESSAGES, "500"): broken("room_messages_after", gets(SINCE_1)),
-    (*POST_MESSAGES, "200"): twice(posts(LOBBY_MESSAGES, MSG)),
-    (*POST_MESSAGES, "201"): posts(LOBBY_MESSAGES, MSG),
-    (*POST_MESSAGES, "400"): posts(LOBBY_MESSAGES, {"message": ""}),
-    (*POST_MESSAGES, "401"): posts(LOBBY_MESSAGES, MSG, "not-a-token"),
-    (*POST_MESSAGES, "403"): posts(LOBBY_MESSAGES, MSG, "reader"),
-    (*POST_MESSAGES, "404"): posts("/api/rooms/nowhere/messages/", MSG),
-    (*POST_MESSAGES, "409"): closed(posts(LOBBY_MESSAGES, MSG)),
-    (*POST_MESSAGES, "413"): posts(LOBBY_MESSAGES, {"message": "x" * 70_000}),
-    (*POST_MESSAGES, "415"): posts(LOBBY_MESSAGES, body="m=1", content_type=TEXT),
-    (*POST_MESSAGES, "429"): limited(posts(LOBBY_MESSAGES, MSG)),
-    (*POST_MESSAGES, "500"): broken("message_post", posts(LOBBY_MESSAGES, MSG)),
-    (*POST_PUSH, "202"): posts(PUSH, {"event": "e", "data": [1]}),
-    (*POST_PUSH, "400"): posts(PUSH, {"data": 1}),
-    (*POST_PUSH, "401"): posts(PUSH, {"event": "e"}, "not-a-token"),
-    (*POST_PUSH, "403"): posts(PUSH, {"event": "e"}, "reader"),
-    (*POST_PUSH, "404"): posts("/api/users/nobody/push/", {"event": "e"}),
-    (*POST_PUSH, "413"): posts(PUSH, {"event": "e", "data": "x" * 70_000}),
-    (*POST_PUSH, "415"): posts(PUSH, body="event=e", content_type=TEXT),
-    (*POST_PUSH, "429"): limited(posts(PUSH, {"event": "e"})),
-    (*POST_PUSH, "500"): broken("user_push", posts(PUSH, {"event": "e"})),
-    (*POST_PUSH, "503"): layer_down(posts(PUSH, {"event": "e"})),
-}  # fmt: skip
-
-
-def documented_statuses() -> list[tuple[str, str, str]]:
-    return [
-        (method, path, status)
-        for method, path in spec_operations()
-        for status in SPEC["paths"][path][method]["responses"]
-    ]
-
-
-@pytest.fixture
-def world(api, make_token, alice, bob, room, settings, monkeypatch) -> World:
-    services.message_post(room=room, user=alice, text="hello")
-    other = Room.objects.create(slug="other")
-    return World(
-        api=api,
-        settings=settings,
-        monkeypatch=monkeypatch,
-        room=room,
-        full=make_token(can_publish=True, can_push=True),
-        reader=make_token(),
-        restricted=make_token(can_publish=True, room=other),
-    )
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "status"),
-    documented_statuses(),
-    ids=[f"{m.upper()} {p} {s}" for m, p, s in documented_statuses()],
-)
-def test_every_documented_status_is_produced(world, method, path, status):
-    scenario = SCENARIOS.get((method, path, status))
-    assert scenario, f"no test makes {method.upper()} {path} answer {status}"
-    response = scenario(world)  # Api checks the body against the spec
-    assert str(response.status_code) == status, response.content
-
-
-def test_every_scenario_is_documented():
-    assert set(SCENARIOS) == set(documented_statuses())
-
-
-def test_every_api_route_is_in_the_spec():
-    routes = set()
-    for pattern in api_urls.urlpatterns:
-        if pattern.name == "not-found":
-            continue
-        kwargs = {name: f"{{{name}}}" for name in pattern.pattern.regex.groupindex}
-        path = unquote(reverse(f"api:{pattern.name}", kwargs=kwargs))
-        routes.add(path.removesuffix("/") + "/")  # the slash is optional
-    assert routes == set(SPEC["paths"])
-
-
-def test_error_codes_in_the_spec_are_the_codes_of_the_api():
-    documented = SPEC["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
-    assert set(documented) == set(chat_api.ERROR_STATUS)
-
-
-def test_spec_patterns_and_limits_match_the_code(settings):
-    schemas = SPEC["components"]["schemas"]
-    client_id = schemas["PublishRequest"]["properties"]["client_id"]["pattern"]
-    assert client_id == f"^{protocol.CLIENT_ID_PATTERN.pattern}$"
-    event = schemas["PushRequest"]["properties"]["event"]["pattern"]
-    assert event == f"^{chat_api.EVENT_NAME_PATTERN.pattern}$"
-    room = SPEC["components"]["parameters"]["room"]["schema"]["pattern"]
-    assert room == f"^{protocol.ROOM_NAME_PATTERN.pattern}$"
-    limit = SPEC["components"]["parameters"]["limit"]["schema"]
-    assert limit["maximum"] == settings.CHAT_HISTORY_MAX
-
-
-def test_spec_examples_are_valid():
-    def examples(node: Any):
-        if isinstance(node, dict):
-            if "schema" in node and "example" in node:
-                yield node["schema"], node["example"]
-            for value in node.values():
-                yield from examples(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from examples(value)
-
-    found = list(examples(SPEC))
-    assert found
-    for schema, example in found:
-        assert not schema_errors(schema, example), example
-
-
-# ---------------------------------------------------------------------------
-# docs/api.md and the README
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("code", sorted(chat_api.ERROR_STATUS))
-def test_every_error_code_is_in_the_api_doc(code):
-    status = chat_api.ERROR_STATUS[code]
-    assert f"| `{code}` | {status} |" in API_DOC, f"{code} ({status}) is not in api.md"
-
-
-@pytest.mark.parametrize(("method", "path"), spec_operations())
-def test_every_endpoint_has_a_curl_example(method, path):
-    pattern = (
-        re.escape(path)
-        .replace(r"\{room\}", "[a-z0-9_-]+")
-        .replace(r"\{username\}", "[A-Za-z0-9_.@+-]+")
-    )
-    curls = [line for line in API_DOC.splitlines() if line.startswith("curl ")]
-    assert any(re.search(pattern, line) for line in curls), path
-    if method == "post":
-        assert any(re.search(pattern, line) and " -d " in line for line in curls)
-
-
-def test_api_settings_are_in_the_readme(settings):
-    for name in dir(settings):
-        if name.startswith("CHAT_API_"):
-            assert f"`{name}`" in README
-
-
-def test_readme_has_a_one_line_curl_that_publishes():
-    section = README.split("## HTTP API", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"^curl .*-d .*/api/rooms/[a-z0-9_-]+/messages/", section, re.M)
-
-
-# ---------------------------------------------------------------------------
-# manage.py create_api_token
-# ---------------------------------------------------------------------------
-
-
-def run_command(*args: str) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    call_command("create_api_token", *args, stdout=out, stderr=err)
-    return out.getvalue(), err.getvalue()
-
-
-def test_command_prints_a_working_token_once(alice, room):
-    out, err = run_command(
-        "--owner", "alice", "--name", "ci", "--publish", "--push",
-        "--room", "lobby", "--author", "CI bot",
-    )  # fmt: skip
-    raw = out.strip()
-    token = tokens.api_token_authenticate(raw=raw)
-    assert (token.name, token.owner, token.room, token.author_name) == (
-        "ci", alice, room, "CI bot",
-    )  # fmt: skip
-    assert token.can_publish and token.can_push
-    assert raw not in err and token.prefix in err
-
-
-def test_command_defaults_to_a_read_only_token(alice):
-    out, err = run_command("--owner", "alice", "--name", "dashboard")
-    token = tokens.api_token_authenticate(raw=out.strip())
-    assert not token.can_publish and not token.can_push and token.room is None
-    assert "read only" in err
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("--owner", "nobody", "--name", "x"),
-        ("--owner", "alice", "--name", "x", "--room", "nowhere"),
-        ("--owner", "alice", "--name", "x" * 101),
-    ],
-)
-def test_command_refuses_bad_arguments(alice, args):
-    with pytest.raises(CommandError):
-        run_command(*args)
-    assert not ApiToken.objects.exists()
-
-
-# ---------------------------------------------------------------------------
-# Admin
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def admin_client(client, make_user) -> Client:
-    client.force_login(make_user("root", is_staff=True, is_superuser=True))
-    return client
-
-
-def test_admin_add_shows_the_raw_token_once(admin_client, alice, room, api):
-    response = admin_client.post(
-        "/admin/chat/apitoken/add/",
-        {"name": "ci", "owner": alice.pk, "can_publish": "on", "author_name": ""},
-        follow=True,
-    )
-    assert response.status_code == 200
-    token = ApiToken.objects.get()
-    notes = [str(m) for m in response.context["messages"]]
-    raws = re.findall(r"chat_[A-Za-z0-9_-]{43}", " ".join(notes))
-    assert len(raws) == 1, notes
-    assert token.token_hash == tokens.token_hash(raws[0])
-    assert api.post(LOBBY_MESSAGES, {"message": "x"}, token=raws[0]).status_code == 201
-    # Shown once: pages after that show the prefix, never the token or its hash.
-    for page in ("/admin/chat/apitoken/", f"/admin/chat/apitoken/{token.pk}/change/"):
-        html = admin_client.get(page).content.decode()
-        assert token.prefix in html
-        assert raws[0] not in html and token.token_hash not in html
-
-
-def test_admin_revoke_action(admin_client, alice, api):
-    token, raw = tokens.api_token_create(owner=alice, name="ci")
-    response = admin_client.post(
-        "/admin/chat/apitoken/",
-        {"action": "revoke_tokens", "_selected_action": [token.pk]},
-    )
-    assert response.status_code == 302
-    token.refresh_from_db()
-    assert token.revoked_at is not None
-    assert_error(api.get(ROOMS, token=raw), 401, chat_api.ERROR_INVALID_TOKEN)
-
-
-def test_timestamps_in_responses_are_utc(api, publisher, room):
-    ts = api.post(LOBBY_MESSAGES, {"message": "x"}, token=publisher).json()["ts"]
-    assert (
-        datetime.fromisoformat(ts.replace("Z", "+00:00")).utcoffset().total_seconds()
-        == 0
-    )

@@ -1,12 +1,18 @@
-"""docs/protocol.md stays true to chat/protocol.py."""
+"""docs/protocol.md, docs/api.md and the README stay true to the code."""
 
+import re
 from pathlib import Path
 
 import pytest
 
+from chat import api as chat_api
 from chat import protocol
+from tests.conftest import spec_operations
 
-PROTOCOL_DOC = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_DOC = (REPO_ROOT / "docs" / "protocol.md").read_text()
+API_DOC = (REPO_ROOT / "docs" / "api.md").read_text()
+README = (REPO_ROOT / "README.md").read_text()
 
 
 def constants(prefix: str) -> list[tuple[str, object]]:
@@ -24,8 +30,41 @@ def test_every_close_code_is_documented(name, code):
 
 
 def test_the_doc_lists_no_error_code_the_code_lacks():
-    import re
-
     section = PROTOCOL_DOC.split("### Error codes", 1)[1].split("## Close codes", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
     assert documented == {code for _, code in constants("ERROR_")}
+
+
+# ---------------------------------------------------------------------------
+# docs/api.md and the README
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(chat_api.ERROR_STATUS))
+def test_every_error_code_is_in_the_api_doc(code):
+    status = chat_api.ERROR_STATUS[code]
+    assert f"| `{code}` | {status} |" in API_DOC, f"{code} ({status}) is not in api.md"
+
+
+@pytest.mark.parametrize(("method", "path"), spec_operations())
+def test_every_endpoint_has_a_curl_example(method, path):
+    pattern = (
+        re.escape(path)
+        .replace(r"\{room\}", "[a-z0-9_-]+")
+        .replace(r"\{username\}", "[A-Za-z0-9_.@+-]+")
+    )
+    curls = [line for line in API_DOC.splitlines() if line.startswith("curl ")]
+    assert any(re.search(pattern, line) for line in curls), path
+    if method == "post":
+        assert any(re.search(pattern, line) and " -d " in line for line in curls)
+
+
+def test_api_settings_are_in_the_readme(settings):
+    for name in dir(settings):
+        if name.startswith("CHAT_API_"):
+            assert f"`{name}`" in README
+
+
+def test_readme_has_a_one_line_curl_that_publishes():
+    section = README.split("## HTTP API", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^curl .*-d .*/api/rooms/[a-z0-9_-]+/messages/", section, re.M)

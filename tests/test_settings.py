@@ -1,4 +1,4 @@
-"""Channel layer configuration from REDIS_URL (no Redis needed)."""
+"""Channel layer and cache configuration from REDIS_URL (no Redis needed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.utils import create_pool, decode_hosts
 from django.core.exceptions import ImproperlyConfigured
 
-from chatproject.settings import channel_layers_from_env
+from chatproject.settings import caches_from_env, channel_layers_from_env
 
 IN_MEMORY = {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
 
@@ -105,3 +105,11 @@ def test_unknown_redis_layer_fails_loudly(monkeypatch):
     monkeypatch.setenv("CHAT_REDIS_LAYER", "streams")
     with pytest.raises(ImproperlyConfigured, match="CHAT_REDIS_LAYER"):
         channel_layers_from_env("redis://a:6379/0")
+
+
+def test_the_cache_follows_redis_url():
+    assert caches_from_env(None)["default"]["BACKEND"].endswith("LocMemCache")
+    assert caches_from_env(" ")["default"]["BACKEND"].endswith("LocMemCache")
+    cache = caches_from_env("redis://a:6379/0, redis://b:6379/0")["default"]
+    assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert cache["LOCATION"] == "redis://a:6379/0"
