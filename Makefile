@@ -22,8 +22,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 ## run: serve the chat at http://$(HOST):$(PORT)/ with daphne (SQLite + in-memory layer)
+# collectstatic: with DJANGO_DEBUG=0 the pages link the hashed names it writes.
 run: venv
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) -m chatproject.server -b $(HOST) -p $(PORT) chatproject.asgi:application
 
 ## cluster: nginx on $(HOST):$(PORT) in front of $(WORKERS) workers (next ports), Redis, PostgreSQL

@@ -134,6 +134,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ from STATIC_ROOT, so a worker with DEBUG off needs no
+    # nginx in front for its pages to work (DEBUG: asgi.py serves them).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -229,6 +232,16 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT") or BASE_DIR / "staticfiles")
+# collectstatic writes each file also under a name with its content's hash
+# (and compressed copies); with DEBUG off pages link those names, which
+# WhiteNoise sends with a ten-year immutable Cache-Control. Pages then need its
+# manifest: run `manage.py collectstatic` before a worker with DEBUG off starts.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
 
 # ---------------------------------------------------------------------------
 # Logging

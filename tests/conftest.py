@@ -22,7 +22,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.core.cache import caches
-from django.test import AsyncClient
+from django.test import AsyncClient, override_settings
 from django.test import Client as HttpClient
 from openapi_core import Config, OpenAPI
 from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
@@ -139,6 +139,24 @@ def presence_diffs(settings) -> Iterator[None]:
     presence.diffs.reset()
     yield
     presence.diffs.reset()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def static_files_without_collectstatic(tmp_path_factory) -> Iterator[None]:
+    """Pages render in the test process, which never ran collectstatic.
+
+    pytest-django turns DEBUG off, and then the manifest storage refuses every
+    {% static %} it has no manifest for (and WhiteNoise warns of a missing
+    STATIC_ROOT); tests/browser/test_static.py checks the real one in a worker.
+    """
+    from django.conf import settings
+
+    plain = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+    with override_settings(
+        STORAGES={**settings.STORAGES, "staticfiles": plain},
+        STATIC_ROOT=tmp_path_factory.mktemp("static"),
+    ):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ RECEIVE_TIMEOUT = 5
 PASSWORD = "a-Secret-pass-42"
 
 # Variables of the test process that must not leak into a server's settings.
-SCRUBBED_ENV = ("REDIS_URL", "DATABASE_URL", "DJANGO_TEST_SQLITE")
+SCRUBBED_ENV = ("REDIS_URL", "DATABASE_URL", "DJANGO_TEST_SQLITE", "DJANGO_STATIC_ROOT")
 # How much of each running server's log a failed test's report shows.
 LOG_TAIL = 8000
 
@@ -120,6 +120,12 @@ class DaphneServer:
             }
         )
         self.env.update(env or {})
+        # With DEBUG off the pages link collectstatic's hashed file names, so
+        # such a server collects its static files into its own folder first.
+        debug = self.env["DJANGO_DEBUG"].strip().lower()
+        self.collectstatic = debug not in {"", "1", "true", "yes", "on"}
+        if self.collectstatic:
+            self.env.setdefault("DJANGO_STATIC_ROOT", str(self.workdir / "static"))
 
     @property
     def base_url(self) -> str:
@@ -136,22 +142,29 @@ class DaphneServer:
         except FileNotFoundError:
             return ""
 
-    def start(self) -> None:
-        """Migrates (if asked), starts daphne and waits until it answers HTTP."""
-        if self.migrate:
-            result = subprocess.run(
-                [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
-                cwd=REPO_ROOT,
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=120,
+    def manage(self, *args: str) -> None:
+        """Runs `manage.py ARGS` with the server's environment; fails loudly."""
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"manage.py {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
             )
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"migrate failed ({result.returncode}):\n"
-                    f"{result.stdout}{result.stderr}"
-                )
+
+    def start(self) -> None:
+        """Migrates (if asked), collects the static files (DEBUG off), starts
+        daphne and waits until it answers HTTP."""
+        if self.migrate:
+            self.manage("migrate", "--noinput", "-v0")
+        if self.collectstatic:
+            self.manage("collectstatic", "--noinput", "-v0")
         # A file, not a pipe: nobody reads a pipe while the tests run, and a
         # full pipe would block daphne.
         with open(self.log_path, "wb") as log:
