@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import metrics, presence, protocol, services, transport, worker
+from chat import auth, metrics, presence, protocol, services, transport, worker
 from chat.broadcast import CHAT_EVENT, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
@@ -56,13 +57,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # ------------------------------------------------------------------
 
     async def dispatch(self, message: dict) -> None:
-        # Channels closes stale database connections before every handler: a
-        # hop to the database thread per socket per broadcast. A broadcast
-        # touches no database, so it skips that (the hot path of a fan-out).
-        if message["type"] == CHAT_EVENT:
-            await self.chat_event(message)
-            return
-        await super().dispatch(message)
+        # Channels hops to the database thread before every handler to close
+        # stale connections. Every database call here is a
+        # database_sync_to_async, which does that itself on either side; the
+        # extra hop would make each handshake wait for the thread (one per
+        # worker) before it is even accepted, and each broadcast and frame
+        # queue behind every other socket's database work.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -105,6 +109,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             on_sent=_count_sent,
         )
         user = self.scope.get("user")
+        if user is None and "session" in self.scope:
+            # Read after accept (chat.auth says why); one trip to the thread.
+            user = await database_sync_to_async(auth.session_user)(self.scope["session"])
+            self.scope["user"] = user
         if user is None or not user.is_authenticated:
             await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
             return

@@ -165,6 +165,10 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # A cancel that reaches redis-py while it reconnects can come
+                # out as a connection error: stop all the same.
+                if asyncio.current_task().cancelling():
+                    raise asyncio.CancelledError from None
                 logger.warning("hub: reading the layer failed; retrying", exc_info=True)
                 await asyncio.sleep(RETRY_SECONDS)
                 continue

@@ -240,4 +240,8 @@ async def _worker_loop() -> None:
             await refresh_hub_groups()
         except Exception:
             logger.warning("could not refresh the hub's groups", exc_info=True)
+        if asyncio.current_task().cancelling():
+            # A cancel that reached redis-py mid-call can come out as a
+            # connection error, caught above: stop all the same.
+            raise asyncio.CancelledError
         await asyncio.sleep(settings.CHAT_WORKER_LEASE_SECONDS / 3)

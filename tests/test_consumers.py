@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
+from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -64,6 +68,42 @@ async def test_session_cookie_signs_the_socket_in(connect, alice, room):
     cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
     _, welcome = await connect(None, headers=[ORIGIN, (b"cookie", cookie)])
     assert_event(welcome, "welcome", user="alice")
+
+
+async def test_a_handshake_is_accepted_before_the_database_thread_is_free(
+    connect, alice, room
+):
+    # Under a storm of handshakes the one database thread is busy for seconds;
+    # daphne drops a socket not accepted within its accept timeout, with no
+    # close code. So accepting must not wait for it: the user is read after.
+    http = HttpClient()
+    await db(http.force_login, alice)
+    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+    started, release = threading.Event(), threading.Event()
+
+    def hold_the_thread() -> None:
+        started.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(database_sync_to_async(hold_the_thread)())
+    try:
+        await asyncio.wait_for(asyncio.to_thread(started.wait), 5)
+        client = await connect(None, headers=[ORIGIN, (b"cookie", cookie)], welcome=False)
+    finally:
+        release.set()
+        await held
+    assert_event(await client.receive_type("welcome"), "welcome", user="alice")
+
+
+async def test_a_socket_whose_session_is_signed_out_is_closed_with_4401(
+    connect, alice, room
+):
+    http = HttpClient()
+    await db(http.force_login, alice)
+    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+    await db(http.logout)
+    client = await connect(None, headers=[ORIGIN, (b"cookie", cookie)], welcome=False)
+    assert await client.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
 
 
 async def test_foreign_origin_is_refused_at_the_handshake(channel_layer, alice, room):
@@ -489,11 +529,12 @@ async def test_two_layer_instances_on_one_redis_fan_out(
         "default": redis_layer_config(redis_server.url),
         "second": redis_layer_config(redis_server.url),
     }
-    from channels.auth import AuthMiddlewareStack
     from channels.security.websocket import AllowedHostsOriginValidator
 
+    from chat.auth import SocketAuthStack
+
     second_worker = AllowedHostsOriginValidator(
-        AuthMiddlewareStack(
+        SocketAuthStack(
             URLRouter(
                 [
                     re_path(

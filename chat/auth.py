@@ -1,0 +1,33 @@
+"""Who is on a socket: the Django session's user, read after the handshake.
+
+Channels' AuthMiddlewareStack reads the user before the consumer runs, so a
+handshake waits for the database thread (one per worker) before it is even
+accepted, and under a storm of handshakes daphne drops the ones that wait
+longer than its accept timeout (5 s) without a close code. Here the stack
+only attaches the session; the consumer accepts first and then reads the user
+(`session_user`) on the database thread, so each socket gets a welcome or a
+close code that says why, however many arrive at once.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from channels.sessions import CookieMiddleware, SessionMiddleware
+from django.contrib import auth
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+
+
+def SocketAuthStack(inner):
+    """Cookies and the session for `inner`; the user is read by the consumer."""
+    return CookieMiddleware(SessionMiddleware(inner))
+
+
+def session_user(session) -> AbstractBaseUser | AnonymousUser:
+    """Returns the user signed in to `session` (AnonymousUser if none). Sync.
+
+    Django's own check, as for a request: the session's user must exist, use a
+    configured backend and still match the password hash the session holds.
+    """
+    return auth.get_user(SimpleNamespace(session=session))
