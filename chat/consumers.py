@@ -17,6 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import auth, metrics, presence, protocol, services, transport, worker
+from chat.batching import DatabaseBatch, each
 from chat.broadcast import CHAT_EVENT, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
@@ -43,6 +44,12 @@ def _count_sent(frames: int, events: int) -> None:
     metrics.FRAMES_SENT.inc(frames)
     metrics.EVENTS_SENT.inc(events)
     metrics.SEND_BATCH_EVENTS.observe(events)
+
+
+# Handshakes that arrive together share their trips to the database thread:
+# one to read the sessions' users, one to check and record the sockets.
+session_users = DatabaseBatch(each(auth.session_user))
+sockets_open = DatabaseBatch(services.sockets_open)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -110,8 +117,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         user = self.scope.get("user")
         if user is None and "session" in self.scope:
-            # Read after accept (chat.auth says why); one trip to the thread.
-            user = await database_sync_to_async(auth.session_user)(self.scope["session"])
+            # Read after accept (chat.auth says why), in one trip to the
+            # database thread with the handshakes that arrive with it.
+            user = await session_users(self.scope["session"])
             self.scope["user"] = user
         if user is None or not user.is_authenticated:
             await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
@@ -153,12 +161,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.room_group_name(slug), protocol.user_group_name(user.pk)
         )
         try:
-            self.room, welcome = await database_sync_to_async(services.socket_open)(
-                slug=slug,
-                user=user,
-                channel_name=self.channel_name,
-                address=self.client_address(),
-                since=since,
+            self.room, welcome = await sockets_open(
+                services.SocketRequest(
+                    slug=slug,
+                    user=user,
+                    channel_name=self.channel_name,
+                    address=self.client_address(),
+                    since=since,
+                )
             )
         except services.SocketRefused as refused:
             await self.leave_groups()

@@ -134,14 +134,26 @@ def user_kick(
     logger.info("user %s kicked from %s by %s", user.pk, room.slug, actor)
 
 
+def _bans_in_force():
+    return RoomBan.objects.filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())
+    )
+
+
 def ban_active(*, room: Room, user: AbstractBaseUser) -> RoomBan | None:
     """Returns the ban keeping `user` out of `room` now, if any."""
-    return (
-        RoomBan.objects.filter(room=room, user=user)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
-        .order_by("-created_at")
-        .first()
+    return _bans_in_force().filter(room=room, user=user).order_by("-created_at").first()
+
+
+def banned_pairs(pairs: Iterable[tuple[Room, AbstractBaseUser]]) -> set[tuple[int, int]]:
+    """Returns the (room id, user id) of each pair that a ban keeps out now."""
+    pairs = {(room.pk, user.pk) for room, user in pairs}
+    if not pairs:
+        return set()
+    found = _bans_in_force().filter(
+        room__in={room_id for room_id, _ in pairs}, user__in={user_id for _, user_id in pairs}
     )
+    return set(found.values_list("room_id", "user_id")) & pairs
 
 
 def user_ban(

@@ -15,12 +15,13 @@ import os
 import secrets
 import socket
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
@@ -166,6 +167,16 @@ def room_member_count(*, room: Room) -> int:
     return live_connections().filter(room=room).values("user").distinct().count()
 
 
+@dataclass(frozen=True)
+class SocketOpening:
+    """One socket to record as open."""
+
+    room: Room
+    user: AbstractBaseUser
+    channel_name: str
+    address: str = ""
+
+
 def connection_open(
     *,
     room: Room,
@@ -179,30 +190,73 @@ def connection_open(
     Raises TooManyConnections when the user already has `max_per_user` sockets.
     A first socket puts the user into the room's next presence diff.
     """
+    (result,) = connections_open(
+        [SocketOpening(room, user, channel_name, address)], max_per_user=max_per_user
+    )
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def connections_open(
+    openings: list[SocketOpening], *, max_per_user: int
+) -> list[bool | TooManyConnections | Room.DoesNotExist]:
+    """Records sockets that open together, in one transaction.
+
+    For each, in order: True when it is its user's first socket in the room
+    (the user then goes into the room's next presence diff), False when not,
+    or the refusal (an exception, not raised): TooManyConnections when its
+    user has `max_per_user` sockets counting the ones before it here, or
+    Room.DoesNotExist when its room went away. The same handful of queries
+    for one socket or a hundred.
+    """
+    results: list[bool | TooManyConnections | Room.DoesNotExist] = []
     with transaction.atomic():
-        # Locking the room row serialises open/close in one room, so two tabs
-        # opening at once cannot both count as the first.
-        locked = Room.objects.select_for_update().get(pk=room.pk)
-        # The socket counts only while this worker's lease row exists.
+        # Locking the room rows serialises open/close in a room, so two tabs
+        # opening at once on two workers cannot both count as the first.
+        locked = {
+            room.pk: room
+            for room in Room.objects.select_for_update()
+            .filter(pk__in={o.room.pk for o in openings})
+            .order_by("pk")
+        }
+        # The sockets count only while this worker's lease row exists.
         worker_heartbeat()
-        # One query for both: the user's sockets everywhere, and here.
-        counts = live_connections().filter(user=user).aggregate(
-            everywhere=Count("id"), here=Count("id", filter=Q(room=locked))
-        )
-        if counts["everywhere"] >= max_per_user:
-            raise TooManyConnections(user.get_username())
-        first = counts["here"] == 0
-        Connection.objects.create(
-            room=locked,
-            user=user,
-            channel_name=channel_name,
-            worker=WORKER_ID,
-            address=address[:100],
-        )
-        if first:
-            username = user.get_username()
-            transaction.on_commit(lambda: diffs.note(locked.slug, username))
-    return first
+        sockets_of: dict[int, int] = {}
+        online: set[tuple[int, int]] = set()
+        for user_id, room_id in live_connections().filter(
+            user__in={o.user.pk for o in openings}
+        ).values_list("user_id", "room_id"):
+            sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
+            online.add((user_id, room_id))
+        rows, firsts = [], []
+        for opening in openings:
+            room, user = locked.get(opening.room.pk), opening.user
+            if room is None:
+                results.append(Room.DoesNotExist(opening.room.slug))
+                continue
+            if sockets_of.get(user.pk, 0) >= max_per_user:
+                results.append(TooManyConnections(user.get_username()))
+                continue
+            sockets_of[user.pk] = sockets_of.get(user.pk, 0) + 1
+            first = (user.pk, room.pk) not in online
+            online.add((user.pk, room.pk))
+            rows.append(
+                Connection(
+                    room=room,
+                    user=user,
+                    channel_name=opening.channel_name,
+                    worker=WORKER_ID,
+                    address=opening.address[:100],
+                )
+            )
+            if first:
+                firsts.append((room.slug, user.get_username()))
+            results.append(first)
+        Connection.objects.bulk_create(rows)
+        if firsts:
+            transaction.on_commit(lambda: [diffs.note(slug, name) for slug, name in firsts])
+    return results
 
 
 def connection_close(*, channel_name: str) -> bool:

@@ -197,25 +197,36 @@ def room_welcome(
     page_size: int,
     resume_max: int,
     members_page: int | None = None,
+    shared: dict | None = None,
 ) -> dict[str, Any]:
     """Returns the `welcome` event: members and the backlog (or what was missed).
 
     The member list is the first `members_page` of them (default
-    CHAT_MEMBERS_PAGE); a client asks for the rest with `members`.
+    CHAT_MEMBERS_PAGE); a client asks for the rest with `members`. Welcomes
+    built with the same `shared` dict read the room's latest page and members
+    once (the sockets of one handshake batch).
     """
+    shared = {} if shared is None else shared
     page = None
     if since is not None:
         page = room_messages_since(room=room, since=since, limit=resume_max)
     if page is None:
-        page = room_history(room=room, before=None, limit=page_size)
+        key = ("latest", room.pk, page_size)
+        if key not in shared:
+            shared[key] = room_history(room=room, before=None, limit=page_size)
+        page = shared[key]
     limit = settings.CHAT_MEMBERS_PAGE if members_page is None else members_page
-    members, more = presence.room_members(room=room, limit=limit)
+    key = ("members", room.pk, limit)
+    if key not in shared:
+        members, more = presence.room_members(room=room, limit=limit)
+        # Counting only when the page is full: below it, the page is the count.
+        shared[key] = members, presence.room_member_count(room=room) if more else len(members)
+    members, member_count = shared[key]
     return protocol.event_welcome(
         room=room.slug,
         user=user.get_username(),
         members=members,
-        # Counting only when the page is full: below it, the page is the count.
-        member_count=presence.room_member_count(room=room) if more else len(members),
+        member_count=member_count,
         messages=page.events,
         has_more=page.has_more,
         closed=room.is_closed,
@@ -238,6 +249,17 @@ class SocketRefused(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class SocketRequest:
+    """A socket asking to open: who, where, from which address, resuming after which seq."""
+
+    slug: str
+    user: AbstractBaseUser
+    channel_name: str
+    address: str = ""
+    since: int | None = None
+
+
 def socket_open(
     *,
     slug: str,
@@ -248,34 +270,63 @@ def socket_open(
 ) -> tuple[Room, dict[str, Any]]:
     """Checks and records a new socket; returns its room and its `welcome` event.
 
-    One call (one trip to the database thread) for the whole handshake: the
-    room, the ban check, the presence row, the backlog and the members. The
-    caller has joined the room's and the user's groups already, so nothing
-    posted or decided from here on is missed. Raises SocketRefused.
+    Raises SocketRefused. The form of `sockets_open` for one socket.
     """
-    room = room_get(slug=slug)
-    if room is None:
-        raise SocketRefused(protocol.CLOSE_NO_SUCH_ROOM)
-    if moderation.ban_active(room=room, user=user):
-        raise SocketRefused(protocol.CLOSE_FORBIDDEN)
-    try:
-        presence.connection_open(
-            room=room,
-            user=user,
-            channel_name=channel_name,
-            address=address,
-            max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
-        )
-    except presence.TooManyConnections:
-        raise SocketRefused(protocol.CLOSE_TOO_MANY_CONNECTIONS)
-    welcome = room_welcome(
-        room=room,
-        user=user,
-        since=since,
-        page_size=settings.CHAT_HISTORY_PAGE,
-        resume_max=settings.CHAT_RESUME_MAX,
+    (result,) = sockets_open([SocketRequest(slug, user, channel_name, address, since)])
+    if isinstance(result, SocketRefused):
+        raise result
+    return result
+
+
+def sockets_open(
+    requests: list[SocketRequest],
+) -> list[tuple[Room, dict[str, Any]] | SocketRefused]:
+    """Checks and records sockets that open together; returns, for each, its
+    room and `welcome` event, or the SocketRefused that says why not.
+
+    One call (one trip to the database thread) for the whole handshake of many
+    sockets: the rooms, the bans, the presence rows, the backlog and the
+    members, in the same handful of queries for one socket as for a hundred
+    in one room (a storm of handshakes, or a room filling up). The callers
+    have joined their room's and user's groups already, so nothing posted or
+    decided from here on is missed.
+    """
+    slugs = {r.slug for r in requests if protocol.is_valid_room_name(r.slug)}
+    rooms = {room.slug: room for room in Room.objects.filter(slug__in=slugs)}
+    banned = moderation.banned_pairs(
+        (rooms[r.slug], r.user) for r in requests if r.slug in rooms
     )
-    return room, welcome
+    results: list[tuple[Room, dict[str, Any]] | SocketRefused] = []
+    admitted: list[tuple[int, SocketRequest, Room]] = []
+    for request in requests:
+        room = rooms.get(request.slug)
+        if room is None:
+            results.append(SocketRefused(protocol.CLOSE_NO_SUCH_ROOM))
+        elif (room.pk, request.user.pk) in banned:
+            results.append(SocketRefused(protocol.CLOSE_FORBIDDEN))
+        else:
+            admitted.append((len(results), request, room))
+            results.append(None)  # filled in below
+    recorded = presence.connections_open(
+        [presence.SocketOpening(room, r.user, r.channel_name, r.address) for _, r, room in admitted],
+        max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+    )
+    shared: dict = {}
+    for (index, request, room), outcome in zip(admitted, recorded):
+        if isinstance(outcome, presence.TooManyConnections):
+            results[index] = SocketRefused(protocol.CLOSE_TOO_MANY_CONNECTIONS)
+        elif isinstance(outcome, Room.DoesNotExist):
+            results[index] = SocketRefused(protocol.CLOSE_NO_SUCH_ROOM)
+        else:
+            results[index] = room, room_welcome(
+                room=room,
+                user=request.user,
+                since=request.since,
+                page_size=settings.CHAT_HISTORY_PAGE,
+                resume_max=settings.CHAT_RESUME_MAX,
+                shared=shared,
+            )
+    return results
 
 
 # ---------------------------------------------------------------------------

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import presence, services
-from chat.models import Message, Room
+from chat.models import Connection, Message, Room
 
 pytestmark = pytest.mark.django_db
 
@@ -397,3 +398,83 @@ def test_room_get_or_create_refuses_invalid_names(db, slug):
     with pytest.raises(services.InvalidRoomName):
         services.room_get_or_create(slug=slug)
     assert Room.objects.count() == before
+
+
+# ---------------------------------------------------------------------------
+# sockets_open: handshakes that arrive together
+# ---------------------------------------------------------------------------
+
+
+def request(slug: str, user, channel: str, since: int | None = None):
+    return services.SocketRequest(slug, user, channel, "127.0.0.1", since)
+
+
+def test_sockets_open_decides_each_socket_as_if_it_came_alone(
+    five, other_room, alice, bob, make_user, settings
+):
+    from chat import moderation, protocol
+
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+    carol = make_user("carol")
+    moderation.user_ban(room=five, user=carol, actor=None)
+    open_socket(other_room, bob, "b0")
+    outcomes = services.sockets_open(
+        [
+            request("lobby", alice, "a1"),
+            request("missing", alice, "a2"),
+            request("lobby", carol, "c1"),  # banned here
+            request("other", carol, "c2"),  # not there
+            request("lobby", bob, "b1"),  # his second socket
+            request("lobby", bob, "b2"),  # his third: one too many
+            request("lobby", alice, "a3", since=3),
+        ]
+    )
+    refused = [o.code if isinstance(o, services.SocketRefused) else None for o in outcomes]
+    assert refused == [
+        None,
+        protocol.CLOSE_NO_SUCH_ROOM,
+        protocol.CLOSE_FORBIDDEN,
+        None,
+        None,
+        protocol.CLOSE_TOO_MANY_CONNECTIONS,
+        None,
+    ]
+    welcomes = {o[1]["user"] + str(i): o[1] for i, o in enumerate(outcomes) if not refused[i]}
+    # Every admitted socket is in the members it is welcomed with.
+    assert welcomes["alice0"]["members"] == ["alice", "bob"]
+    assert welcomes["carol3"]["members"] == ["bob", "carol"]
+    assert [m["seq"] for m in welcomes["alice0"]["messages"]] == [1, 2, 3, 4, 5]
+    assert [m["seq"] for m in welcomes["alice6"]["messages"]] == [4, 5]
+    recorded = set(Connection.objects.values_list("channel_name", flat=True))
+    assert recorded == {"b0", "a1", "c2", "b1", "a3"}
+
+
+def test_sockets_open_notes_each_user_once_per_room(
+    room, alice, bob, monkeypatch, django_capture_on_commit_callbacks
+):
+    noted: list[tuple[str, str]] = []
+    monkeypatch.setattr(presence.diffs, "note", lambda slug, user: noted.append((slug, user)))
+    with django_capture_on_commit_callbacks(execute=True):
+        services.sockets_open(
+            [
+                request("lobby", alice, "a1"),
+                request("lobby", alice, "a2"),
+                request("lobby", bob, "b1"),
+            ]
+        )
+    assert noted == [("lobby", "alice"), ("lobby", "bob")]
+
+
+def test_a_hundred_sockets_in_one_room_cost_the_queries_of_one(
+    room, make_user, django_assert_num_queries
+):
+    users = [make_user(f"user{n:03d}") for n in range(100)]
+    services.sockets_open([request("lobby", users[0], "c0")])  # the lease row exists
+    with CaptureQueriesContext(connection) as one:
+        services.sockets_open([request("lobby", users[1], "c1")])
+    with django_assert_num_queries(len(one)):
+        outcomes = services.sockets_open(
+            [request("lobby", user, f"c{n}") for n, user in enumerate(users[2:], 2)]
+        )
+    assert all(not isinstance(o, services.SocketRefused) for o in outcomes)
+    assert outcomes[-1][1]["member_count"] == 100
