@@ -1,18 +1,19 @@
-"""Calls that arrive together go to the database thread together.
+"""Calls that arrive together are made together.
 
 Channels runs every database call of a worker on one thread, one call after
 another. When hundreds of sockets open at once, each handshake's trip would
 wait behind all the others and repeat the same work (the room, its latest
-messages, its members). A DatabaseBatch queues the calls that arrive while
-the thread is busy and hands them over as one call to a function that does
-many at once. An idle worker sends each call on at once, alone, so nothing
-waits for a batch to fill.
+messages, its members); and each would join its groups in Redis with round
+trips of its own, on a connection of its own. A Batch queues the calls that
+arrive while the previous ones are under way and hands them over as one call
+to a function that does many at once. An idle worker sends each call on at
+once, alone, so nothing waits for a batch to fill.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from channels.db import database_sync_to_async
@@ -21,16 +22,19 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class DatabaseBatch(Generic[Item, Result]):
-    """`await batch(item)`: the result of `many(items)` for that item.
+class Batch(Generic[Item, Result]):
+    """`await batch(item)`: the outcome for that item of `await many(items)`.
 
-    `many` runs on the database thread and returns one outcome per item, in
-    order; an outcome that is an exception is raised to that item's caller
-    only. An exception from `many` itself goes to every caller of the batch.
+    `many` returns one outcome per item, in order (None stands for all of them
+    when it returns nothing); an outcome that is an exception is raised to
+    that item's caller only. An exception from `many` itself goes to every
+    caller of the batch.
     """
 
     def __init__(
-        self, many: Callable[[list[Item]], Sequence[Result | BaseException]], max_size: int = 100
+        self,
+        many: Callable[[list[Item]], Awaitable[Sequence[Result | BaseException] | None]],
+        max_size: int = 100,
     ) -> None:
         self.many = many
         self.max_size = max_size
@@ -43,7 +47,7 @@ class DatabaseBatch(Generic[Item, Result]):
         self._pending.append((item, future))
         drainer = self._drainer
         if drainer is None or drainer.done() or drainer.get_loop() is not loop:
-            self._drainer = loop.create_task(self._drain(), name="chat-database-batch")
+            self._drainer = loop.create_task(self._drain(), name="chat-batch")
         return await future
 
     async def _drain(self) -> None:
@@ -61,14 +65,16 @@ class DatabaseBatch(Generic[Item, Result]):
             batch = self._pending[: self.max_size]
             del self._pending[: self.max_size]
             # A caller that gave up (its socket closed) still had its item
-            # done with the rest: the batch is under way as one transaction.
+            # done with the rest: the batch is under way as one call.
             try:
-                outcomes = await database_sync_to_async(self.many)([item for item, _ in batch])
+                outcomes = await self.many([item for item, _ in batch])
             except Exception as error:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            if outcomes is None:
+                outcomes = [None] * len(batch)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
@@ -76,6 +82,15 @@ class DatabaseBatch(Generic[Item, Result]):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+
+class DatabaseBatch(Batch[Item, Result]):
+    """A Batch whose `many` is sync and runs on the database thread."""
+
+    def __init__(
+        self, many: Callable[[list[Item]], Sequence[Result | BaseException]], max_size: int = 100
+    ) -> None:
+        super().__init__(database_sync_to_async(many), max_size)
 
 
 def each(function: Callable[[Any], Result]) -> Callable[[list[Any]], list[Result | Exception]]:

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 
+from chat.batching import Batch
+
 logger = logging.getLogger(__name__)
 
 # Key a group message carries across the layer, so that the hub of each worker
@@ -235,6 +237,30 @@ class InMemoryHubLayer(HubLayerMixin, InMemoryChannelLayer):
 
 class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     """channels_redis's layer with the hub: one group member per worker process."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._joins = Batch(self._group_add_many)
+
+    async def upstream_group_add(self, group: str, channel: str) -> None:
+        # Each socket joins its user's group: a storm of handshakes is as many
+        # joins at once, which go together in one pipeline per Redis server,
+        # not two round trips each on a pooled connection each.
+        await self._joins((group, channel))
+
+    async def _group_add_many(self, joins: list[tuple[str, str]]) -> None:
+        # What channels_redis's group_add does, for many groups at once.
+        by_server: dict[int, list[tuple[str, str]]] = {}
+        for group, channel in joins:
+            by_server.setdefault(self.consistent_hash(group), []).append((group, channel))
+        now = time.time()
+        for index, pairs in by_server.items():
+            async with self.connection(index).pipeline(transaction=False) as pipe:
+                for group, channel in pairs:
+                    key = self._group_key(group)
+                    pipe.zadd(key, {channel: now})
+                    pipe.expire(key, self.group_expiry)
+                await pipe.execute()
 
     async def flush(self) -> None:
         # Every group is gone with the flush: join again on the next add.

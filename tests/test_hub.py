@@ -123,6 +123,31 @@ async def test_redis_holds_one_group_member_per_worker_not_per_socket(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_sockets_opening_at_once_each_get_their_users_pushes(
+    connect, make_user, room, redis_server
+):
+    import redis.asyncio
+
+    from chat.broadcast import push_user_async
+
+    users = [await db(make_user, f"user{index:02d}") for index in range(30)]
+    # Joined at once: their user groups go upstream together, in one pipeline.
+    opened = await asyncio.gather(*(connect(user) for user in users))
+    layer = get_channel_layer()
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        for user in users:
+            key = layer._group_key(protocol.user_group_name(user.pk))
+            assert await client.zcard(key) == 1
+            assert 0 < await client.ttl(key) <= layer.group_expiry
+    finally:
+        await client.aclose()
+    for user, (socket, _) in zip(users, opened):
+        await push_user_async(user.pk, protocol.event_push(event="hello", data=user.username))
+        assert_event(await socket.receive_type("push"), "push", data=user.username)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
