@@ -11,14 +11,14 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from chat.protocol import encode, room_group_name, user_group_name
+from chat.protocol import ServerEvent, encode, room_group_name, user_group_name
 
 # Channel-layer message types; ChatConsumer.chat_event and chat_kick handle them.
 CHAT_EVENT = "chat.event"
 CHAT_KICK = "chat.kick"
 
 
-def _group_message(event: dict[str, Any], exclude_channel: str | None) -> dict:
+def _group_message(event: ServerEvent, exclude_channel: str | None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": CHAT_EVENT, "text": encode(event)}
     if exclude_channel is not None:
         message["exclude"] = exclude_channel
@@ -26,7 +26,7 @@ def _group_message(event: dict[str, Any], exclude_channel: str | None) -> dict:
 
 
 async def broadcast_room_async(
-    slug: str, event: dict[str, Any], *, exclude_channel: str | None = None
+    slug: str, event: ServerEvent, *, exclude_channel: str | None = None
 ) -> None:
     """Sends `event` to every socket in room `slug` (but `exclude_channel`)."""
     await get_channel_layer().group_send(
@@ -35,20 +35,20 @@ async def broadcast_room_async(
 
 
 def broadcast_room(
-    slug: str, event: dict[str, Any], *, exclude_channel: str | None = None
+    slug: str, event: ServerEvent, *, exclude_channel: str | None = None
 ) -> None:
     """Sync form of broadcast_room_async, for services, views and the admin."""
     async_to_sync(broadcast_room_async)(slug, event, exclude_channel=exclude_channel)
 
 
-async def push_user_async(user_id: int, event: dict[str, Any]) -> None:
+async def push_user_async(user_id: int, event: ServerEvent) -> None:
     """Sends `event` to every open socket of one user, in every room."""
     await get_channel_layer().group_send(
         user_group_name(user_id), _group_message(event, None)
     )
 
 
-def push_user(user_id: int, event: dict[str, Any]) -> None:
+def push_user(user_id: int, event: ServerEvent) -> None:
     """Sync form of push_user_async."""
     async_to_sync(push_user_async)(user_id, event)
 

@@ -301,11 +301,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # Server events
     # ------------------------------------------------------------------
 
-    async def send_event(self, event: dict) -> None:
+    async def send_event(self, event: protocol.ServerEvent) -> None:
         """Queues an event behind the broadcasts already queued for this socket."""
         self.outbox.push(protocol.encode(event))
 
-    async def send_direct(self, event: dict) -> None:
+    async def send_direct(self, event: protocol.ServerEvent) -> None:
         """Sends an event at once, ahead of the outbox (before it starts)."""
         await self.send_text(
             protocol.encode_frame(event, batch=self.outbox is not None and self.outbox.batch)
@@ -315,7 +315,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_text(self, text: str) -> None:
         await self.send(text_data=text)
 
-    def error_event(self, error: protocol.ProtocolError) -> dict:
+    def error_event(self, error: protocol.ProtocolError) -> protocol.ErrorEvent:
         metrics.error_sent(error.code)
         return protocol.event_error(error.code, error.detail, error.ref)
 

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any, Literal, TypedDict, Union, get_args, get_type_hints
 from urllib.parse import parse_qs
 
 # ---------------------------------------------------------------------------
@@ -297,6 +297,105 @@ def parse_since(query_string: bytes | str) -> int | None:
 # ---------------------------------------------------------------------------
 
 
+# One TypedDict per event type: the wire format of each, as docs/protocol.md
+# lists it (tests/test_docs.py checks that every type here is documented).
+
+
+class MessageEvent(TypedDict):
+    type: Literal["message"]
+    id: int
+    seq: int
+    room: str
+    user: str
+    message: str
+    ts: str
+    client_id: str | None
+
+
+class WelcomeEvent(TypedDict):
+    type: Literal["welcome"]
+    room: str
+    user: str
+    members: list[str]
+    member_count: int
+    members_more: bool
+    messages: list[MessageEvent]
+    has_more: bool
+    closed: bool
+
+
+class MembersEvent(TypedDict):
+    type: Literal["members"]
+    after: str | None
+    members: list[str]
+    has_more: bool
+
+
+class HistoryEvent(TypedDict):
+    type: Literal["history"]
+    before: int | None
+    messages: list[MessageEvent]
+    has_more: bool
+
+
+class PresenceEvent(TypedDict):
+    type: Literal["presence"]
+    joins: list[str]
+    leaves: list[str]
+    members: int
+
+
+class TypingEvent(TypedDict):
+    type: Literal["typing"]
+    user: str
+
+
+class DeletedEvent(TypedDict):
+    type: Literal["deleted"]
+    id: int
+    seq: int
+
+
+class RoomStateEvent(TypedDict):
+    type: Literal["room"]
+    closed: bool
+
+
+class PushEvent(TypedDict):
+    type: Literal["push"]
+    event: str
+    data: Any
+
+
+class ErrorEvent(TypedDict):
+    type: Literal["error"]
+    code: str
+    detail: str
+    ref: str | None
+
+
+ServerEvent = Union[
+    MessageEvent,
+    WelcomeEvent,
+    MembersEvent,
+    HistoryEvent,
+    PresenceEvent,
+    TypingEvent,
+    DeletedEvent,
+    RoomStateEvent,
+    PushEvent,
+    ErrorEvent,
+]
+
+
+def server_event_types() -> dict[str, type]:
+    """Returns every server event type ("message", ...) with its TypedDict."""
+    return {
+        get_args(get_type_hints(event)["type"])[0]: event
+        for event in get_args(ServerEvent)
+    }
+
+
 def format_timestamp(moment: datetime) -> str:
     """Returns an ISO 8601 UTC timestamp with milliseconds and a Z."""
     moment = moment.astimezone(timezone.utc)
@@ -312,7 +411,7 @@ def event_message(
     message: str,
     ts: datetime,
     client_id: str | None,
-) -> dict[str, Any]:
+) -> MessageEvent:
     """Returns a `message` event: one stored post."""
     return {
         "type": "message",
@@ -332,10 +431,10 @@ def event_welcome(
     user: str,
     members: list[str],
     member_count: int,
-    messages: list[dict[str, Any]],
+    messages: list[MessageEvent],
     has_more: bool,
     closed: bool = False,
-) -> dict[str, Any]:
+) -> WelcomeEvent:
     """Returns the `welcome` event sent right after a socket is accepted.
 
     `members` is the first page of the sorted member list; `member_count`
@@ -354,14 +453,16 @@ def event_welcome(
     }
 
 
-def event_members(*, after: str | None, members: list[str], has_more: bool) -> dict:
+def event_members(
+    *, after: str | None, members: list[str], has_more: bool
+) -> MembersEvent:
     """Returns the answer to a `members` request: the next page of usernames."""
     return {"type": "members", "after": after, "members": members, "has_more": has_more}
 
 
 def event_history(
-    *, before: int | None, messages: list[dict[str, Any]], has_more: bool
-) -> dict[str, Any]:
+    *, before: int | None, messages: list[MessageEvent], has_more: bool
+) -> HistoryEvent:
     """Returns the answer to a `history` request: older messages, oldest first."""
     return {
         "type": "history",
@@ -373,7 +474,7 @@ def event_history(
 
 def event_presence(
     *, joins: list[str], leaves: list[str], members: int
-) -> dict[str, Any]:
+) -> PresenceEvent:
     """Returns a `presence` diff: who came and who went in the last interval.
 
     `members` counts the users in the room once the diff is applied.
@@ -381,37 +482,37 @@ def event_presence(
     return {"type": "presence", "joins": joins, "leaves": leaves, "members": members}
 
 
-def event_typing(*, user: str) -> dict[str, Any]:
+def event_typing(*, user: str) -> TypingEvent:
     """Returns a `typing` event."""
     return {"type": "typing", "user": user}
 
 
-def event_deleted(*, id: int, seq: int) -> dict[str, Any]:
+def event_deleted(*, id: int, seq: int) -> DeletedEvent:
     """Returns a `deleted` event: a moderator removed a message."""
     return {"type": "deleted", "id": id, "seq": seq}
 
 
-def event_room_state(*, closed: bool) -> dict[str, Any]:
+def event_room_state(*, closed: bool) -> RoomStateEvent:
     """Returns a `room` event: the room was closed (read-only) or reopened."""
     return {"type": "room", "closed": closed}
 
 
-def event_push(*, event: str, data: Any) -> dict[str, Any]:
+def event_push(*, event: str, data: Any) -> PushEvent:
     """Returns a `push` event: sent through the API to every socket of one user."""
     return {"type": "push", "event": event, "data": data}
 
 
-def event_error(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:
+def event_error(code: str, detail: str, ref: str | None = None) -> ErrorEvent:
     """Returns an `error` event; `ref` echoes the client_id of the frame at fault."""
     return {"type": "error", "code": code, "detail": detail, "ref": ref}
 
 
-def encode(event: dict[str, Any]) -> str:
+def encode(event: ServerEvent) -> str:
     """Returns the JSON text of a server event (done once per event, not per socket)."""
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
-def encode_frame(event: dict[str, Any], *, batch: bool) -> str:
+def encode_frame(event: ServerEvent, *, batch: bool) -> str:
     """Returns one event as a frame: an array of one for a `chat.batch` socket."""
     text = encode(event)
     return f"[{text}]" if batch else text

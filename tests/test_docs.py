@@ -35,6 +35,21 @@ def test_the_doc_lists_no_error_code_the_code_lacks():
     assert documented == {code for _, code in constants("ERROR_")}
 
 
+def server_events_section() -> str:
+    return PROTOCOL_DOC.split("## Server to client", 1)[1].split("### Error codes", 1)[0]
+
+
+@pytest.mark.parametrize("kind", sorted(protocol.server_event_types()))
+def test_every_server_event_type_is_documented(kind):
+    row = f'| `{{"type":"{kind}"'
+    assert row in server_events_section(), f"the {kind!r} event is missing from the doc"
+
+
+def test_the_doc_lists_no_server_event_the_code_lacks():
+    rows = re.findall(r'^\| `\{"type":"([a-z_]+)"', server_events_section(), re.M)
+    assert set(rows) == set(protocol.server_event_types())
+
+
 # ---------------------------------------------------------------------------
 # docs/api.md and the README
 # ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import pytest
 
@@ -442,3 +442,55 @@ def test_error_event_carries_code_detail_and_ref():
         "detail": "nope",
         "ref": "c-1",
     }
+
+
+SAMPLE_MESSAGE = protocol.event_message(
+    id=7,
+    seq=3,
+    room="lobby",
+    user="alice",
+    message="hi",
+    ts=datetime(2024, 1, 2, tzinfo=timezone.utc),
+    client_id=None,
+)
+SAMPLE_EVENTS = [
+    SAMPLE_MESSAGE,
+    protocol.event_welcome(
+        room="lobby",
+        user="alice",
+        members=["alice"],
+        member_count=1,
+        messages=[SAMPLE_MESSAGE],
+        has_more=False,
+    ),
+    protocol.event_members(after="alice", members=["bob"], has_more=False),
+    protocol.event_history(before=3, messages=[SAMPLE_MESSAGE], has_more=False),
+    protocol.event_presence(joins=["bob"], leaves=[], members=2),
+    protocol.event_typing(user="bob"),
+    protocol.event_deleted(id=7, seq=3),
+    protocol.event_room_state(closed=True),
+    protocol.event_push(event="build.finished", data={"ok": True}),
+    protocol.event_error("bad_json", "nope"),
+]
+
+
+def test_every_event_constructor_returns_a_server_event():
+    constructors = {
+        name: function
+        for name, function in vars(protocol).items()
+        if name.startswith("event_") and callable(function)
+    }
+    returned = {name: get_type_hints(f)["return"] for name, f in constructors.items()}
+    assert set(returned.values()) == set(get_args(protocol.ServerEvent)), returned
+
+
+def test_the_samples_cover_every_server_event_type():
+    kinds = sorted(event["type"] for event in SAMPLE_EVENTS)
+    assert kinds == sorted(protocol.server_event_types())
+
+
+@pytest.mark.parametrize("event", SAMPLE_EVENTS, ids=lambda event: event["type"])
+def test_each_event_has_exactly_the_fields_of_its_type(event):
+    typed = protocol.server_event_types()[event["type"]]
+    assert set(event) == set(get_type_hints(typed)), typed.__name__
+    assert json.loads(encode(event)) == event, "every field is plain JSON"
