@@ -52,10 +52,6 @@ def socket_closed(consumer: Closable) -> None:
     _sockets.discard(consumer)
 
 
-def open_socket_count() -> int:
-    return len(_sockets)
-
-
 def queued_events() -> int:
     """Returns the events queued in the outboxes of this process's sockets."""
     return sum(len(figures[0]) for figures in _outboxes())

@@ -27,11 +27,19 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor
 
+from chat.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+)
+
 logger = logging.getLogger("chatproject.server")
 
-GOING_AWAY = 1001
-# Codes a server may send that autobahn's sendClose refuses.
-SERVER_CLOSE_CODES = frozenset({1001, 1008, 1009, 1011, 1012, 1013})
+# Codes a server may send that autobahn's sendClose refuses (1009: message too
+# big; 1011: internal error).
+SERVER_CLOSE_CODES = frozenset(
+    {CLOSE_GOING_AWAY, 1009, 1011, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER}
+)
 
 
 def _server_close(self: WebSocketProtocol, code: int | None = None) -> None:
@@ -89,11 +97,15 @@ class DrainingServer(Server):
         for port in self.ports:
             port.stopListening()
         sockets = self.open_websockets()
-        logger.info("draining: closing %d socket(s) with %d", len(sockets), GOING_AWAY)
+        logger.info(
+            "draining: closing %d socket(s) with %d", len(sockets), CLOSE_GOING_AWAY
+        )
         for protocol in sockets:
             if protocol.state == protocol.STATE_OPEN:
                 protocol.sendCloseFrame(
-                    code=GOING_AWAY, reasonUtf8=b"server going away", isReply=False
+                    code=CLOSE_GOING_AWAY,
+                    reasonUtf8=b"server going away",
+                    isReply=False,
                 )
         self._stop_when_drained(time.monotonic() + drain_seconds())
 
