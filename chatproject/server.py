@@ -25,6 +25,7 @@ import time
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from django.conf import settings
 from twisted.internet import reactor
 
 from chat.protocol import (
@@ -55,7 +56,8 @@ WebSocketProtocol.serverClose = _server_close
 
 
 def drain_seconds() -> float:
-    return float(os.environ.get("CHAT_DRAIN_SECONDS") or 10)
+    """Returns how long a drain may wait for the sockets (CHAT_DRAIN_SECONDS)."""
+    return settings.CHAT_DRAIN_SECONDS
 
 
 class DrainingServer(Server):

@@ -33,6 +33,17 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}")
 
 
+def env_float(name: str, default: float) -> float:
+    """Returns the number value of an environment variable, failing loudly."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return float(default)
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}")
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     """Returns a comma-separated environment variable as a list of stripped items."""
     value = os.environ.get(name)
@@ -274,6 +285,9 @@ CHAT_API_RATE_WINDOW_SECONDS = env_int("CHAT_API_RATE_WINDOW_SECONDS", 60)
 # A worker renews its lease every third of this; the sockets of a worker whose
 # lease ran out are swept (with `leave` events) by the live ones.
 CHAT_WORKER_LEASE_SECONDS = env_int("CHAT_WORKER_LEASE_SECONDS", 30)
+# On SIGTERM a worker closes its sockets with 1001 and stops once they and
+# their handlers are done, or after this many seconds (chatproject/server.py).
+CHAT_DRAIN_SECONDS = env_float("CHAT_DRAIN_SECONDS", 10)
 # Fan-out: what one socket may have queued before it is closed with 4008 (too
 # slow: reconnect and resume), and how long its transport may stay full.
 CHAT_SEND_QUEUE_FRAMES = env_int("CHAT_SEND_QUEUE_FRAMES", 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from daphne.ws_protocol import WebSocketProtocol
 
 from chat import protocol
 from chatproject import server
@@ -50,3 +51,49 @@ def test_application_codes_go_through_autobahn_as_before(code):
     ws = RecordingProtocol()
     server._server_close(ws, code)
     assert ws.sent == [("close", 1000 if code is None else code)]
+
+
+# ---------------------------------------------------------------------------
+# Drain (SIGTERM)
+# ---------------------------------------------------------------------------
+
+
+class OpenSocket(WebSocketProtocol):
+    """An open socket as DrainingServer finds it in daphne's connections."""
+
+    def __init__(self) -> None:
+        self.state = self.STATE_OPEN
+        self.sent: list[int] = []
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False) -> None:
+        self.sent.append(code)
+
+
+@pytest.fixture
+def draining_server(monkeypatch):
+    """A DrainingServer with one open socket, whose wait for it is recorded."""
+    from chat import worker
+
+    # drain() marks this process as draining; the tests after this one must not be.
+    monkeypatch.setattr(worker, "_draining", False)
+    instance = server.DrainingServer.__new__(server.DrainingServer)
+    instance.ports = []
+    instance.draining = False
+    instance.socket = OpenSocket()
+    instance.connections = {instance.socket: {}}
+    instance.deadlines = []
+    monkeypatch.setattr(instance, "_stop_when_drained", instance.deadlines.append)
+    return instance
+
+
+def test_drain_closes_every_socket_with_1001(draining_server):
+    draining_server.drain()
+    assert draining_server.socket.sent == [protocol.CLOSE_GOING_AWAY]
+
+
+def test_drain_waits_at_most_chat_drain_seconds(draining_server, settings, monkeypatch):
+    settings.CHAT_DRAIN_SECONDS = 2.5
+    monkeypatch.setattr(server.time, "monotonic", lambda: 100.0)
+    draining_server.drain()
+    assert draining_server.deadlines == [102.5]
+

@@ -7,7 +7,7 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.utils import create_pool, decode_hosts
 from django.core.exceptions import ImproperlyConfigured
 
-from chatproject.settings import caches_from_env, channel_layers_from_env
+from chatproject.settings import caches_from_env, channel_layers_from_env, env_float
 
 IN_MEMORY = {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
 
@@ -113,3 +113,18 @@ def test_the_cache_follows_redis_url():
     cache = caches_from_env("redis://a:6379/0, redis://b:6379/0")["default"]
     assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
     assert cache["LOCATION"] == "redis://a:6379/0"
+
+
+def test_a_number_setting_takes_fractions_and_has_its_default(monkeypatch):
+    monkeypatch.delenv("CHAT_TEST_SECONDS", raising=False)
+    assert env_float("CHAT_TEST_SECONDS", 10) == 10.0
+    monkeypatch.setenv("CHAT_TEST_SECONDS", "")
+    assert env_float("CHAT_TEST_SECONDS", 10) == 10.0
+    monkeypatch.setenv("CHAT_TEST_SECONDS", "2.5")
+    assert env_float("CHAT_TEST_SECONDS", 10) == 2.5
+
+
+def test_a_number_setting_that_is_not_a_number_fails_loudly(monkeypatch):
+    monkeypatch.setenv("CHAT_TEST_SECONDS", "ten")
+    with pytest.raises(ImproperlyConfigured, match="CHAT_TEST_SECONDS"):
+        env_float("CHAT_TEST_SECONDS", 10)
