@@ -18,7 +18,8 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import protocol, services, tokens, worker
+from chat import protocol, services, tokens
+from chat.broadcast import LAYER_ERRORS
 from chat.limits import frame_limits
 from chat.models import ApiToken, Room
 
@@ -165,7 +166,7 @@ def api_endpoint(*methods: str) -> Callable[[View], View]:
                 # The socket's rules, answered in HTTP: bad fields are 400, a
                 # closed room (from message_post) is 409 (see ERROR_STATUS).
                 return error_response(ApiError(error.code, error.detail))
-            except worker.LAYER_ERRORS:
+            except LAYER_ERRORS:
                 # Only a push can hit this: a publish is stored first and its
                 # broadcast is best effort (pollers and reconnecting pages
                 # still get it).

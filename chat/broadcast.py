@@ -6,12 +6,22 @@ consumer's handler only sends it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import redis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from chat.protocol import ServerEvent, encode, room_group_name, user_group_name
+
+# What a channel-layer call (a send here; a join, a leave or a receive in the
+# consumer) raises while Redis cannot be reached.
+LAYER_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.RedisError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 # Channel-layer message types; ChatConsumer.chat_event and chat_kick handle them.
 CHAT_EVENT = "chat.event"

@@ -18,7 +18,7 @@ from django.conf import settings
 
 from chat import auth, metrics, presence, protocol, services, transport, worker
 from chat.batching import DatabaseBatch, each
-from chat.broadcast import CHAT_EVENT, broadcast_room_async
+from chat.broadcast import CHAT_EVENT, LAYER_ERRORS, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
 from chat.outbox import Outbox, OutboxLimits
@@ -78,7 +78,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except worker.LAYER_ERRORS:
+        except LAYER_ERRORS:
             # The channel layer's receive loop lost Redis: without this the
             # socket would end with a bare 1011, or hang on a dead group.
             logger.warning("closing a socket: the channel layer connection dropped")
@@ -126,7 +126,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             await self.open_session(user)
-        except worker.LAYER_ERRORS:
+        except LAYER_ERRORS:
             # Redis is unreachable: say so and let the client retry later,
             # rather than leaving it on a socket that receives nothing.
             logger.warning("refusing a socket: the channel layer is unreachable")
@@ -187,7 +187,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.outbox.stop()
         try:
             await self.leave_groups()
-        except worker.LAYER_ERRORS:
+        except LAYER_ERRORS:
             logger.warning("could not leave groups: the channel layer is unreachable")
         hub = getattr(self.channel_layer, "hub", None)
         if hub is not None:
@@ -238,7 +238,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_members(command)
         except protocol.ProtocolError as error:
             await self.send_error(error)
-        except worker.LAYER_ERRORS:
+        except LAYER_ERRORS:
             # What was stored stays stored; the client reconnects later,
             # resumes with ?since and resends with the same client_id.
             logger.warning("closing a socket: the channel layer is unreachable")

@@ -9,23 +9,16 @@ import logging
 import weakref
 from typing import Any, Protocol
 
-import redis
 import redis.asyncio
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import presence
+from chat.broadcast import LAYER_ERRORS
 from chat.protocol import CLOSE_SERVICE_RESTART
 
 logger = logging.getLogger(__name__)
-
-# What a channel-layer call raises while Redis cannot be reached.
-LAYER_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.RedisError,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 
 class Closable(Protocol):
