@@ -14,6 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from chat.protocol import ServerEvent, encode, room_group_name, user_group_name
+from chat.sender import sender
 
 # What a channel-layer call (a send here; a join, a leave or a receive in the
 # consumer) raises while Redis cannot be reached.
@@ -47,29 +48,41 @@ async def broadcast_room_async(
 def broadcast_room(
     slug: str, event: ServerEvent, *, exclude_channel: str | None = None
 ) -> None:
-    """Sync form of broadcast_room_async, for services, views and the admin."""
-    async_to_sync(broadcast_room_async)(slug, event, exclude_channel=exclude_channel)
+    """Sync form of broadcast_room_async, for services, views and the admin.
+
+    In a worker it returns at once: the message goes out after the ones
+    before it (chat.sender says why).
+    """
+    message = _group_message(event, exclude_channel)
+    if not sender.submit(room_group_name(slug), message):
+        async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
 
 
-async def push_user_async(user_id: int, event: ServerEvent) -> None:
-    """Sends `event` to every open socket of one user, in every room."""
+async def send_push_async(user_id: int, event: ServerEvent) -> None:
+    """Sends `event` to every open socket of one user, in every room.
+
+    Only the send: services.user_push is the operation that counts the sockets.
+    """
     await get_channel_layer().group_send(
         user_group_name(user_id), _group_message(event, None)
     )
 
 
-def push_user(user_id: int, event: ServerEvent) -> None:
-    """Sync form of push_user_async."""
-    async_to_sync(push_user_async)(user_id, event)
+def send_push(user_id: int, event: ServerEvent) -> None:
+    """Sync form of send_push_async."""
+    async_to_sync(send_push_async)(user_id, event)
 
 
-async def kick_user_async(user_id: int, room_slug: str) -> None:
-    """Closes every socket of one user in one room, on every worker, with 4403."""
+async def send_kick_async(user_id: int, room_slug: str) -> None:
+    """Tells every socket of one user in one room, on every worker, to close with 4403.
+
+    Only the send: moderation.user_kick and user_ban record the kick first.
+    """
     await get_channel_layer().group_send(
         user_group_name(user_id), {"type": CHAT_KICK, "room": room_slug}
     )
 
 
-def kick_user(user_id: int, room_slug: str) -> None:
-    """Sync form of kick_user_async."""
-    async_to_sync(kick_user_async)(user_id, room_slug)
+def send_kick(user_id: int, room_slug: str) -> None:
+    """Sync form of send_kick_async."""
+    async_to_sync(send_kick_async)(user_id, room_slug)
