@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from chat import protocol
-from chat.broadcast import broadcast_room, kick_user
+from chat.broadcast import broadcast_room, send_kick
 from chat.models import Message, ModerationAction, Room, RoomBan
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def user_kick(
             target_user=user,
             detail=reason,
         )
-        transaction.on_commit(lambda: kick_user(user.pk, room.slug), robust=True)
+        transaction.on_commit(lambda: send_kick(user.pk, room.slug), robust=True)
     logger.info("user %s kicked from %s by %s", user.pk, room.slug, actor)
 
 
@@ -184,7 +184,7 @@ def user_ban(
             target_user=user,
             detail=f"{reason}{until}".strip(),
         )
-        transaction.on_commit(lambda: kick_user(user.pk, room.slug), robust=True)
+        transaction.on_commit(lambda: send_kick(user.pk, room.slug), robust=True)
     logger.info("user %s banned from %s by %s", user.pk, room.slug, actor)
     return ban
 

@@ -19,7 +19,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from chat import moderation, presence, protocol
-from chat.broadcast import broadcast_room, push_user
+from chat.broadcast import broadcast_room, send_push
 from chat.models import Message, Room
 
 
@@ -350,5 +350,5 @@ def user_push(*, user: AbstractBaseUser, event: str, data: Any) -> int:
     has joined the group before its row is written.
     """
     sockets = presence.user_socket_count(user=user)
-    push_user(user.pk, protocol.event_push(event=event, data=data))
+    send_push(user.pk, protocol.event_push(event=event, data=data))
     return sockets

@@ -85,10 +85,10 @@ async def test_a_closed_socket_leaves_the_hub(connect, alice, room):
 
 async def test_a_kick_still_takes_the_consumers_own_path(connect, alice, room):
     """Messages the hub does not take itself (a kick) reach the consumer's handler."""
-    from chat.broadcast import kick_user_async
+    from chat.broadcast import send_kick_async
 
     a, _ = await connect(alice)
-    await kick_user_async(alice.pk, "lobby")
+    await send_kick_async(alice.pk, "lobby")
     assert await a.receive_close() == protocol.CLOSE_FORBIDDEN
 
 
@@ -128,7 +128,7 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
 ):
     import redis.asyncio
 
-    from chat.broadcast import push_user_async
+    from chat.broadcast import send_push_async
 
     users = [await db(make_user, f"user{index:02d}") for index in range(30)]
     # Joined at once: their user groups go upstream together, in one pipeline.
@@ -143,7 +143,7 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
     finally:
         await client.aclose()
     for user, (socket, _) in zip(users, opened):
-        await push_user_async(user.pk, protocol.event_push(event="hello", data=user.username))
+        await send_push_async(user.pk, protocol.event_push(event="hello", data=user.username))
         assert_event(await socket.receive_type("push"), "push", data=user.username)
 
 
