@@ -6,8 +6,11 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.test import Client as HttpClient
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import api as chat_api
@@ -83,6 +86,23 @@ def test_room_list_counts_live_members_sockets_and_messages(admin_client, room, 
     assert (row.online_count, row.socket_count) == (1, 2), "bob's worker is dead"
     assert (row.message_count, row.recent_count) == (2, 2)
     assert response.status_code == 200
+
+
+@pytest.mark.django_db
+def test_worker_list_shows_each_lease_and_its_sockets(admin_client, room, alice, bob):
+    open_socket(room, alice, "a1", worker="live-worker")
+    open_socket(room, bob, "b1", worker="live-worker")
+    open_socket(room, bob, "b2", worker="dead-worker")
+    Worker.objects.filter(id="dead-worker").update(
+        heartbeat_at=timezone.now() - timedelta(hours=1)
+    )
+    changelist = admin_client.get("/admin/chat/worker/").context["cl"]
+    model_admin = changelist.model_admin
+    shown = {
+        worker.id: (model_admin.alive(worker), model_admin.sockets(worker))
+        for worker in changelist.result_list
+    }
+    assert shown == {"live-worker": (True, 2), "dead-worker": (False, 1)}
 
 
 @pytest.mark.django_db
@@ -359,3 +379,112 @@ def test_admin_revoke_action(admin_client, alice, api):
     token.refresh_from_db()
     assert token.revoked_at is not None
     assert_error(api.get(API_ROOMS, token=raw), 401, chat_api.ERROR_INVALID_TOKEN)
+
+
+# ---------------------------------------------------------------------------
+# Query-count guards: a changelist costs the same for 1 row as for 20
+# ---------------------------------------------------------------------------
+
+
+def add_room(index: int) -> Room:
+    return Room.objects.create(slug=f"room-{index}")
+
+
+def add_message(index: int) -> Message:
+    room = add_room(index)
+    author = get_user_model().objects.create_user(f"author{index}")
+    return Message.objects.create(
+        room=room, seq=1, user=author, author=author.username, body=f"message {index}"
+    )
+
+
+def add_socket(index: int) -> Connection:
+    message = add_message(index)
+    return Connection.objects.create(
+        room=message.room,
+        user=message.user,
+        channel_name=f"channel-{index}",
+        worker=f"worker-{index}",
+    )
+
+
+def add_worker(index: int) -> Worker:
+    socket = add_socket(index)
+    presence.worker_heartbeat(worker_id=socket.worker)
+    return Worker.objects.get(id=socket.worker)
+
+
+def add_ban(index: int) -> RoomBan:
+    message = add_message(index)
+    moderator = get_user_model().objects.create_user(f"moderator{index}")
+    return RoomBan.objects.create(
+        room=message.room, user=message.user, reason="spam", created_by=moderator
+    )
+
+
+def add_action(index: int) -> ModerationAction:
+    message = add_message(index)
+    moderator = get_user_model().objects.create_user(f"moderator{index}")
+    return ModerationAction.objects.create(
+        kind=ModerationAction.Kind.DELETE_MESSAGE,
+        actor=moderator,
+        room=message.room,
+        target_user=message.user,
+        message=message,
+    )
+
+
+def add_token(index: int) -> ApiToken:
+    message = add_message(index)
+    token, _ = tokens.api_token_create(
+        owner=message.user, name=f"token {index}", can_publish=True, room=message.room
+    )
+    return token
+
+
+CHANGELISTS = {
+    "room": (ROOMS, add_room),
+    "message": (MESSAGES, add_message),
+    "connection": (SOCKETS, add_socket),
+    "worker": ("/admin/chat/worker/", add_worker),
+    "roomban": (BANS, add_ban),
+    "moderationaction": ("/admin/chat/moderationaction/", add_action),
+    "apitoken": (TOKENS, add_token),
+}
+
+
+def test_every_chat_model_in_the_admin_has_a_query_count_guard():
+    from django.contrib import admin
+
+    registered = {
+        model._meta.model_name
+        for model in admin.site._registry
+        if model._meta.app_label == "chat"
+    }
+    assert registered == set(CHANGELISTS)
+
+
+def changelist_queries(client: HttpClient, url: str) -> tuple[int, int]:
+    """Returns the queries a changelist page cost and the rows it listed."""
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(url)
+    assert response.status_code == 200
+    return len(queries), len(response.context["cl"].result_list)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", sorted(CHANGELISTS))
+def test_a_changelist_costs_the_same_queries_for_1_row_and_for_20(
+    admin_client, django_assert_num_queries, model
+):
+    """Query-count guard: no query per row (a column read outside the list's query)."""
+    url, add_row = CHANGELISTS[model]
+    add_row(0)
+    admin_client.get(url)  # caches filled on a first visit do not count
+    one_row, listed = changelist_queries(admin_client, url)
+    for index in range(1, 20):
+        add_row(index)
+    with django_assert_num_queries(one_row):
+        response = admin_client.get(url)
+    # The migrations' "general" room is listed too.
+    assert len(response.context["cl"].result_list) == listed + 19
