@@ -1,0 +1,432 @@
+"""A client of the chat's WebSocket protocol on the `websockets` asyncio client:
+`ChatSocket`, one socket read frame by frame with every wait bounded, and
+`ChatPage`, which behaves like the page (reconnects, resumes, resends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from harness.wire import (
+    CLOSE_ABNORMAL,
+    RECONNECT_CODES,
+    decode_events,
+    handshake_headers,
+    message_frame,
+    socket_url,
+    view_after,
+)
+
+# Generous: a real process and maybe a real Redis sit between send and receive.
+RECEIVE_TIMEOUT = 5
+
+
+async def open_connection(
+    base_url: str,
+    room: str,
+    *,
+    sessionid: str | None = None,
+    query: str = "",
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+    subprotocols: Sequence[str] | None = None,
+    local_addr: str | None = None,
+    open_timeout: float = RECEIVE_TIMEOUT,
+) -> ClientConnection:
+    """Opens a room's socket as a page of `base_url` would.
+
+    The Origin is `base_url` unless `origin` says otherwise; `headers` are
+    added; `subprotocols` is what the client asks for (e.g. ["chat.batch"]);
+    `local_addr` is the address to connect from.
+    """
+    extra: dict[str, Any] = {}
+    if local_addr:
+        extra["local_addr"] = (local_addr, 0)
+    return await connect(
+        socket_url(base_url, room, query),
+        additional_headers={
+            **handshake_headers(origin or base_url, sessionid),
+            **(headers or {}),
+        },
+        proxy=None,
+        open_timeout=open_timeout,
+        subprotocols=list(subprotocols) if subprotocols else None,
+        **extra,
+    )
+
+
+class _deadline:
+    """asyncio.timeout that fails with an AssertionError (what was awaited)."""
+
+    def __init__(self, timeout: float, what: str = "a frame") -> None:
+        self.timeout = timeout
+        self.what = what
+        self._inner = asyncio.timeout(timeout)
+
+    async def __aenter__(self) -> None:
+        await self._inner.__aenter__()
+
+    async def __aexit__(self, kind, error, traceback) -> bool | None:
+        try:
+            return await self._inner.__aexit__(kind, error, traceback)
+        except TimeoutError:
+            raise AssertionError(
+                f"no {self.what} from the server within {self.timeout} s"
+            ) from None
+
+
+# ---------------------------------------------------------------------------
+# One socket, read frame by frame
+# ---------------------------------------------------------------------------
+
+
+class ChatSocket:
+    """A websockets client connection with JSON helpers; every wait is bounded.
+
+    Like the unit tests' `Client` (tests/conftest.py): presence diffs come on
+    their own schedule, so `receive` passes over them (they are kept for
+    `receive_presence`), and a `chat.batch` frame (a JSON array) is taken apart
+    into its events. `raw` keeps the text of every frame, to check the framing;
+    `view` is the member list as this client sees it (welcome, then diffs).
+    """
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self.frames: deque[dict[str, Any]] = deque()
+        self.presence: deque[dict[str, Any]] = deque()
+        self.raw: list[str] = []
+        self.view: set[str] | None = None
+
+    @classmethod
+    async def open(cls, base_url: str, room: str, **options: Any) -> ChatSocket:
+        """Returns a socket of `room` (options as open_connection's)."""
+        return cls(await open_connection(base_url, room, **options))
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.connection.subprotocol
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.connection.send(json.dumps(frame))
+
+    async def send_text(self, text: str) -> None:
+        await self.connection.send(text)
+
+    async def post(
+        self,
+        text: str,
+        *,
+        client_id: str | None = None,
+        timeout: float = RECEIVE_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Posts a message; returns the next frame but presence diffs and typing
+        indicators: the room's copy of the post, unless something came first."""
+        await self.send(message_frame(text, client_id))
+        frame = await self.receive(timeout)
+        while frame["type"] == "typing":
+            frame = await self.receive(timeout)
+        return frame
+
+    def take(self, text: str) -> None:
+        """Keeps the events of one frame: diffs in `presence`, others in `frames`."""
+        self.raw.append(text)
+        for event in decode_events(text):
+            self.view = view_after(self.view, event)
+            if event.get("type") == "presence":
+                self.presence.append(event)
+            else:
+                self.frames.append(event)
+
+    async def _read(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                text = await self.connection.recv()
+        except TimeoutError:
+            raise AssertionError(f"no frame from the server within {timeout} s")
+        self.take(text)
+
+    async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+        """Returns the next frame that is not a presence diff.
+
+        Fails (not hangs) when none comes in time.
+        """
+        async with _deadline(timeout):
+            while not self.frames:
+                await self._read(timeout)
+        return self.frames.popleft()
+
+    async def receive_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        """Returns the next frame (presence diffs aside), of type `kind`."""
+        frame = await self.receive(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def receive_presence(self, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        """Returns the next presence diff (other frames are kept for `receive`)."""
+        async with _deadline(timeout):
+            while not self.presence:
+                await self._read(timeout)
+        return self.presence.popleft()
+
+    async def wait_presence(
+        self,
+        *,
+        joins: Sequence[str] = (),
+        leaves: Sequence[str] = (),
+        timeout: float = RECEIVE_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Reads diffs until every user of `joins` joined and of `leaves` left.
+
+        Returns the diff that completed it. Each name in a diff is its state
+        when the diff was sent, so a later diff overrides an earlier one: a
+        user wanted in `joins` who shows up in `leaves` again is wanted again.
+        """
+        want_joins, want_leaves = set(joins), set(leaves)
+        wanted = f"joins {sorted(joins)}, leaves {sorted(leaves)}"
+        async with _deadline(timeout, wanted):
+            while True:
+                diff = await self.receive_presence(timeout)
+                want_joins -= set(diff["joins"])
+                want_joins |= set(joins) & set(diff["leaves"])
+                want_leaves -= set(diff["leaves"])
+                want_leaves |= set(leaves) & set(diff["joins"])
+                if not want_joins and not want_leaves:
+                    return diff
+
+    async def wait_view(
+        self, members: set[str], timeout: float = RECEIVE_TIMEOUT
+    ) -> None:
+        """Reads frames until `view` (welcome members plus diffs) is `members`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.view != members:
+                    self.take(await self.connection.recv())
+        except TimeoutError:
+            raise AssertionError(
+                f"the member list seen is {sorted(self.view or ())}, not "
+                f"{sorted(members)}, after {timeout} s"
+            )
+
+    async def _read_for(self, timeout: float) -> None:
+        """Reads (and keeps) every frame that comes within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self.take(await self.connection.recv())
+        except TimeoutError:
+            pass
+
+    async def receive_nothing(self, timeout: float = 0.5) -> bool:
+        """True when no frame but presence diffs arrives within `timeout`."""
+        await self._read_for(timeout)
+        return not self.frames
+
+    async def presence_nothing(self, timeout: float = 0.5) -> bool:
+        """True when no presence diff arrives within `timeout` (others are kept)."""
+        await self._read_for(timeout)
+        return not self.presence
+
+    async def receive_close(
+        self, timeout: float = RECEIVE_TIMEOUT
+    ) -> tuple[int | None, list[dict]]:
+        """Returns the server's close code and the frames that came before it.
+
+        Presence diffs are not among them: they are kept in `presence`.
+        """
+        async with asyncio.timeout(timeout):
+            try:
+                while True:
+                    self.take(await self.connection.recv())
+            except ConnectionClosed as closed:
+                frames, self.frames = list(self.frames), deque()
+                return (closed.rcvd.code if closed.rcvd else None), frames
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+# ---------------------------------------------------------------------------
+# A page: reconnects, resumes, resends
+# ---------------------------------------------------------------------------
+
+
+class ChatPage:
+    """One user's page in one room, reading every frame as it comes.
+
+    On 1001/1006/1012/1013 it reconnects (backoff from 0.1 s, up to 1 s) with
+    ?since=<last seq> and resends what the room has not echoed yet, with the
+    same client_id. Records every message (by seq), every other frame and every
+    close code. `diagnose()` adds to a failure message (e.g. the servers' logs).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        room: str,
+        username: str,
+        sessionid: str,
+        *,
+        reconnect: bool = True,
+        headers: dict[str, str] | None = None,
+        local_addr: str | None = None,
+        welcome_timeout: float = 20,
+        diagnose: Callable[[], str] | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.room = room
+        self.username = username
+        self.sessionid = sessionid
+        self.reconnect = reconnect
+        self.headers = headers or {}
+        self.local_addr = local_addr
+        self.welcome_timeout = welcome_timeout
+        self.diagnose = diagnose
+        # Seqs of live `message` frames in arrival order (welcome backlogs not).
+        self.live_seqs: list[int] = []
+        self.messages: dict[int, dict] = {}
+        self.frames: list[dict] = []
+        self.welcomes: list[dict] = []
+        self.closes: list[int] = []
+        self.refused: list[str] = []
+        self.unacked: dict[str, dict] = {}
+        # The member list as this page shows it: welcome, then presence diffs.
+        self.view: set[str] = set()
+        self.connection: ClientConnection | None = None
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.stopped = False
+
+    @property
+    def last_seq(self) -> int:
+        """The seq to resume after: the end of the run with no hole in it.
+
+        Broadcasts from two workers may arrive out of order, so a socket can
+        close having seen n+2 but not n+1; resuming after the hole gets it (the
+        page fills such a hole with `history` instead; both drop repeats).
+        """
+        seq = 0
+        while seq + 1 in self.messages:
+            seq += 1
+        return seq
+
+    def seen(self, kind: str) -> list[str]:
+        """Returns the users in the `kind` list ("joins", "leaves") of the
+        presence diffs received, in order."""
+        return [
+            user
+            for frame in self.frames
+            if frame["type"] == "presence"
+            for user in frame[kind]
+        ]
+
+    def errors(self) -> list[dict]:
+        return [frame for frame in self.frames if frame["type"] == "error"]
+
+    async def start(self) -> ChatPage:
+        """Connects in the background; returns once the first welcome came."""
+        self.task = asyncio.create_task(self.run())
+        try:
+            async with asyncio.timeout(self.welcome_timeout):
+                await self.ready.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.username}: no welcome; closes {self.closes}, refused "
+                f"{self.refused[-3:]}{self.diagnose() if self.diagnose else ''}"
+            )
+        return self
+
+    async def run(self) -> None:
+        delay = 0.1
+        while not self.stopped:
+            code = await self.session()
+            if self.stopped or not self.reconnect or code not in RECONNECT_CODES:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def session(self) -> int:
+        """One socket from connect to close; returns the close code."""
+        # After the first welcome, resume: exactly what was missed, on any worker.
+        query = f"since={self.last_seq}" if self.welcomes else ""
+        try:
+            self.connection = await open_connection(
+                self.base_url,
+                self.room,
+                sessionid=self.sessionid,
+                query=query,
+                headers=self.headers,
+                local_addr=self.local_addr,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as error:
+            # nginx answers 502 while no worker takes the socket: retry, as
+            # the page does.
+            self.refused.append(repr(error))
+            return CLOSE_ABNORMAL
+        try:
+            while True:
+                for frame in decode_events(await self.connection.recv()):
+                    await self.handle(frame)
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else CLOSE_ABNORMAL
+            self.closes.append(code)
+            return code
+        finally:
+            self.ready.clear()
+
+    async def handle(self, frame: dict) -> None:
+        self.view = view_after(self.view, frame)
+        if frame["type"] == "welcome":
+            self.welcomes.append(frame)
+            for message in frame["messages"]:
+                self.remember(message)
+            self.ready.set()
+            # Posts the room has not echoed: same client_id, stored once.
+            for pending in list(self.unacked.values()):
+                await self.send(pending)
+        elif frame["type"] == "message":
+            self.live_seqs.append(frame["seq"])
+            self.remember(frame)
+        else:
+            self.frames.append(frame)
+
+    def remember(self, message: dict) -> None:
+        self.messages[message["seq"]] = message
+        if message["user"] == self.username:
+            self.unacked.pop(message.get("client_id"), None)
+
+    async def send(self, frame: dict) -> None:
+        if self.connection is not None and self.ready.is_set():
+            try:
+                await self.connection.send(json.dumps(frame))
+            except ConnectionClosed:
+                pass  # sent again after the next welcome
+
+    async def post(self, text: str) -> str:
+        """Posts (now, or after the reconnect); returns the client_id."""
+        client_id = uuid.uuid4().hex
+        frame = message_frame(text, client_id)
+        self.unacked[client_id] = frame
+        await self.send(frame)
+        return client_id
+
+    def acked(self, client_id: str) -> bool:
+        return client_id not in self.unacked
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.connection is not None:
+            await self.connection.close()
+        if self.task is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self.task
+            except TimeoutError:
+                self.task.cancel()

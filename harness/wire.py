@@ -1,0 +1,81 @@
+"""What a client of the chat's WebSocket protocol (docs/protocol.md) must know:
+a room socket's URL, the handshake's headers, the frames it sends, how the
+server's frames decode and which closes deserve a reconnect.
+
+Pure, like chat/protocol.py, whose names it uses: the test clients and the
+bench's load generator share it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chat.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+    SUBPROTOCOL_BATCH,
+)
+
+__all__ = [
+    "CLOSE_ABNORMAL",
+    "RECONNECT_CODES",
+    "SUBPROTOCOL_BATCH",
+    "decode_events",
+    "handshake_headers",
+    "message_frame",
+    "socket_url",
+    "view_after",
+]
+
+# What a client sees when the connection ends without a close frame.
+CLOSE_ABNORMAL = 1006
+# What the page reconnects on (docs/protocol.md); never on the 44xx refusals.
+RECONNECT_CODES = frozenset(
+    {CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER}
+)
+
+
+def socket_url(base_url: str, room: str, query: str = "") -> str:
+    """Returns the URL of a room's socket on the server at `base_url` (http or
+    https), with `query` (e.g. "since=12") when given."""
+    scheme, rest = base_url.split("://", 1)
+    ws = "wss" if scheme == "https" else "ws"
+    return f"{ws}://{rest.rstrip('/')}/ws/chat/{room}/" + (f"?{query}" if query else "")
+
+
+def handshake_headers(origin: str, sessionid: str | None = None) -> dict[str, str]:
+    """Returns the headers a page's socket sends: its Origin (the server refuses
+    a foreign one) and the session cookie that signs it in."""
+    headers = {"Origin": origin}
+    if sessionid is not None:
+        headers["Cookie"] = f"sessionid={sessionid}"
+    return headers
+
+
+def message_frame(text: str, client_id: str | None = None) -> dict[str, Any]:
+    """Returns a post; the room's copy of it carries the same `client_id`."""
+    frame: dict[str, Any] = {"type": "message", "message": text}
+    if client_id is not None:
+        frame["client_id"] = client_id
+    return frame
+
+
+def decode_events(text: str | bytes) -> list[dict[str, Any]]:
+    """Returns the events of one server frame: a `chat.batch` frame is a JSON
+    array of events, in order; any other frame is one event."""
+    decoded = json.loads(text)
+    return decoded if isinstance(decoded, list) else [decoded]
+
+
+def view_after(view: set[str] | None, event: dict[str, Any]) -> set[str] | None:
+    """Returns the member list as the page shows it after `event`: a welcome's
+    members, then each presence diff's joins added and leaves removed (a diff
+    before any welcome changes nothing when `view` is None)."""
+    kind = event.get("type")
+    if kind == "welcome":
+        return set(event["members"])
+    if kind == "presence" and view is not None:
+        return (view | set(event["joins"])) - set(event["leaves"])
+    return view
