@@ -5,18 +5,12 @@ and the HTTP API's test client, whose every answer is checked against the spec.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
@@ -34,70 +28,14 @@ from referencing.jsonschema import DRAFT202012
 
 from chat import tokens
 from chat.models import Room
+from harness.processes import RedisServer, free_port  # noqa: F401 (tests import them)
 
 RECEIVE_TIMEOUT = 3
 
 
-def free_port() -> int:
-    """Returns a TCP port that is free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, with no persistence."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (make test installs it)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = ""
-        self.process: subprocess.Popen | None = None
-        self.binary = binary
-
-    def start(self) -> None:
-        """Starts the server (again, on the same port, after stop())."""
-        self.workdir = tempfile.mkdtemp(prefix="chat-redis-")
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.workdir,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    output = self.process.stdout.read().decode(errors="replace")
-                    raise RuntimeError(f"redis-server did not start:\n{output}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, with no persistence."""
     server = RedisServer()
     server.start()
     yield server
