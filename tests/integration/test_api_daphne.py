@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from harness.client import ChatSocket
 from tests.conftest import assert_event
 from tests.integration.conftest import (
     HTTP_TIMEOUT,
     REPO_ROOT,
-    ChatSocket,
     DaphneServer,
     create_room,
     new_account,

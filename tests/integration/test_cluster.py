@@ -1,9 +1,9 @@
 """The chat as it is deployed: nginx (deploy/nginx.conf) in front of three workers
 on PostgreSQL and Redis, all real processes started by deploy/cluster.py.
 
-Clients are `websockets` connections through nginx that behave like the page:
-on 1001/1006/1012/1013 they reconnect through nginx with ?since=<last seq> and
-resend what the room has not echoed yet, with the same client_id.
+Clients (harness.client.ChatPage) connect through nginx and behave like the
+page: on 1001/1006/1012/1013 they reconnect through nginx with ?since=<last
+seq> and resend what the room has not echoed yet, with the same client_id.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,10 +20,10 @@ import psycopg
 import pytest
 import redis
 from channels_redis.utils import _consistent_hash
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from deploy.cluster import Cluster, http_get
+from deploy.cluster import Cluster
+from harness.client import ChatPage
+from harness.processes import http_get
 from tests.integration.conftest import SETUP_SCRIPT, HttpSession, unique_name
 
 pytestmark = pytest.mark.integration
@@ -38,8 +37,6 @@ CLUSTER_ENV = {
 }
 # Generous: three workers, nginx, Redis and PostgreSQL share two cores in CI.
 TIMEOUT = 20
-# What the page reconnects on (docs/protocol.md); never on 44xx.
-RECONNECT_CODES = {1001, 1006, 1012, 1013}
 
 
 # ---------------------------------------------------------------------------
@@ -140,202 +137,39 @@ def worker_rows(cluster: Cluster, worker_id: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# A client that behaves like the page
+# Clients that behave like the page (harness.client.ChatPage)
 # ---------------------------------------------------------------------------
-
-
-class RoomClient:
-    """One user's page in one room, connected through nginx.
-
-    Records every message (by seq), every other frame and every close code.
-    """
-
-    def __init__(
-        self,
-        cluster: Cluster,
-        room: str,
-        username: str,
-        sessionid: str,
-        *,
-        reconnect: bool = True,
-        headers: dict[str, str] | None = None,
-        local_addr: str | None = None,
-        via: str | None = None,
-    ) -> None:
-        self.cluster = cluster
-        # nginx, unless a worker's own address is given.
-        self.base_url = via or cluster.url
-        self.room = room
-        self.username = username
-        self.sessionid = sessionid
-        self.reconnect = reconnect
-        self.headers = headers or {}
-        self.local_addr = local_addr
-        # Seqs of live `message` frames in arrival order (welcome backlogs not).
-        self.live_seqs: list[int] = []
-        self.messages: dict[int, dict] = {}
-        self.frames: list[dict] = []
-        self.welcomes: list[dict] = []
-        self.closes: list[int] = []
-        self.refused: list[str] = []
-        self.unacked: dict[str, dict] = {}
-        # The member list as this page shows it: welcome, then presence diffs.
-        self.view: set[str] = set()
-        self.connection: ClientConnection | None = None
-        self.ready = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.stopped = False
-
-    @property
-    def last_seq(self) -> int:
-        """The seq to resume after: the end of the run with no hole in it.
-
-        Broadcasts from two workers may arrive out of order, so a socket can
-        close having seen n+2 but not n+1; resuming after the hole gets it (the
-        page fills such a hole with `history` instead; both drop repeats).
-        """
-        seq = 0
-        while seq + 1 in self.messages:
-            seq += 1
-        return seq
-
-    def seen(self, kind: str) -> list[str]:
-        """Returns the users in the `kind` list ("joins", "leaves") of the
-        presence diffs received, in order."""
-        return [
-            user
-            for frame in self.frames
-            if frame["type"] == "presence"
-            for user in frame[kind]
-        ]
-
-    def errors(self) -> list[dict]:
-        return [frame for frame in self.frames if frame["type"] == "error"]
-
-    async def start(self) -> RoomClient:
-        self.task = asyncio.create_task(self.run())
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                await self.ready.wait()
-        except TimeoutError:
-            raise AssertionError(
-                f"{self.username}: no welcome; closes {self.closes}, refused "
-                f"{self.refused[-3:]}{log_excerpt(self.cluster)}"
-            )
-        return self
-
-    async def run(self) -> None:
-        delay = 0.1
-        while not self.stopped:
-            code = await self.session()
-            if self.stopped or not self.reconnect or code not in RECONNECT_CODES:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def session(self) -> int:
-        """One socket from connect to close; returns the close code."""
-        # After the first welcome, resume: exactly what was missed, on any worker.
-        query = f"?since={self.last_seq}" if self.welcomes else ""
-        headers = {
-            "Origin": self.base_url,
-            "Cookie": f"sessionid={self.sessionid}",
-            **self.headers,
-        }
-        extra: dict[str, Any] = {}
-        if self.local_addr:
-            extra["local_addr"] = (self.local_addr, 0)
-        try:
-            self.connection = await connect(
-                "ws" + self.base_url[len("http") :] + f"/ws/chat/{self.room}/{query}",
-                additional_headers=headers,
-                proxy=None,
-                open_timeout=5,
-                **extra,
-            )
-        except (OSError, InvalidHandshake, TimeoutError) as error:
-            # nginx answers 502 while no worker takes the socket: retry, as
-            # the page does.
-            self.refused.append(repr(error))
-            return 1006
-        try:
-            while True:
-                decoded = json.loads(await self.connection.recv())
-                # A `chat.batch` frame is an array of events, in order.
-                for frame in decoded if isinstance(decoded, list) else [decoded]:
-                    await self.handle(frame)
-        except ConnectionClosed as closed:
-            code = closed.rcvd.code if closed.rcvd else 1006
-            self.closes.append(code)
-            return code
-        finally:
-            self.ready.clear()
-
-    async def handle(self, frame: dict) -> None:
-        if frame["type"] == "welcome":
-            self.welcomes.append(frame)
-            self.view = set(frame["members"])
-            for message in frame["messages"]:
-                self.remember(message)
-            self.ready.set()
-            # Posts the room has not echoed: same client_id, stored once.
-            for pending in list(self.unacked.values()):
-                await self.send(pending)
-        elif frame["type"] == "message":
-            self.live_seqs.append(frame["seq"])
-            self.remember(frame)
-        else:
-            if frame["type"] == "presence":
-                self.view = (self.view | set(frame["joins"])) - set(frame["leaves"])
-            self.frames.append(frame)
-
-    def remember(self, message: dict) -> None:
-        self.messages[message["seq"]] = message
-        if message["user"] == self.username:
-            self.unacked.pop(message.get("client_id"), None)
-
-    async def send(self, frame: dict) -> None:
-        if self.connection is not None and self.ready.is_set():
-            try:
-                await self.connection.send(json.dumps(frame))
-            except ConnectionClosed:
-                pass  # sent again after the next welcome
-
-    async def post(self, text: str) -> str:
-        """Posts (now, or after the reconnect); returns the client_id."""
-        client_id = uuid.uuid4().hex
-        frame = {"type": "message", "message": text, "client_id": client_id}
-        self.unacked[client_id] = frame
-        await self.send(frame)
-        return client_id
-
-    def acked(self, client_id: str) -> bool:
-        return client_id not in self.unacked
-
-    async def stop(self) -> None:
-        self.stopped = True
-        if self.connection is not None:
-            await self.connection.close()
-        if self.task is not None:
-            try:
-                async with asyncio.timeout(5):
-                    await self.task
-            except TimeoutError:
-                self.task.cancel()
 
 
 @pytest.fixture
 async def clients() -> Any:
-    """Returns open(cluster, room, users, **options) -> [RoomClient]; closes all."""
-    opened: list[RoomClient] = []
+    """Returns open(cluster, room, users, **options) -> [ChatPage]; closes all.
+
+    Through nginx unless `via` names a worker's base URL; the other options
+    are ChatPage's (reconnect, headers, local_addr).
+    """
+    opened: list[ChatPage] = []
 
     async def open_clients(
-        cluster: Cluster, room: str, users: dict[str, str], **options: Any
-    ) -> list[RoomClient]:
+        cluster: Cluster,
+        room: str,
+        users: dict[str, str],
+        *,
+        via: str | None = None,
+        **options: Any,
+    ) -> list[ChatPage]:
         # One at a time: least_conn then deals them out evenly.
         new = []
         for username, sessionid in users.items():
-            client = RoomClient(cluster, room, username, sessionid, **options)
+            client = ChatPage(
+                via or cluster.url,
+                room,
+                username,
+                sessionid,
+                welcome_timeout=TIMEOUT,
+                diagnose=lambda: log_excerpt(cluster),
+                **options,
+            )
             opened.append(client)
             new.append(await client.start())
         return new
@@ -344,12 +178,12 @@ async def clients() -> Any:
     await asyncio.gather(*(client.stop() for client in opened))
 
 
-def has_all(client: RoomClient, count: int) -> bool:
+def has_all(client: ChatPage, count: int) -> bool:
     return set(client.messages) >= set(range(1, count + 1))
 
 
 async def wait_all_have(
-    cluster: Cluster, group: Sequence[RoomClient], count: int
+    cluster: Cluster, group: Sequence[ChatPage], count: int
 ) -> None:
     await eventually(
         lambda: all(has_all(client, count) for client in group),
@@ -359,7 +193,7 @@ async def wait_all_have(
     )
 
 
-def assert_same_messages(group: Sequence[RoomClient], count: int) -> None:
+def assert_same_messages(group: Sequence[ChatPage], count: int) -> None:
     """Every client holds exactly seqs 1..count, with the same content for each."""
     reference = group[0].messages
     assert sorted(reference) == list(range(1, count + 1))
@@ -367,7 +201,7 @@ def assert_same_messages(group: Sequence[RoomClient], count: int) -> None:
         assert client.messages == reference, client.username
 
 
-def assert_undisturbed(group: Sequence[RoomClient]) -> None:
+def assert_undisturbed(group: Sequence[ChatPage]) -> None:
     for client in group:
         assert client.closes == [], f"{client.username} was closed: {client.closes}"
         assert client.errors() == [], f"{client.username}: {client.errors()}"
@@ -497,7 +331,7 @@ def busiest_worker(cluster: Cluster, room: str) -> int:
     return index
 
 
-def presence_since(client: RoomClient, start: int) -> list[tuple[str, str]]:
+def presence_since(client: ChatPage, start: int) -> list[tuple[str, str]]:
     """Returns ("join" | "leave", user) for each name in the presence diffs the
     client got after its frame `start`."""
     return [
@@ -509,7 +343,7 @@ def presence_since(client: RoomClient, start: int) -> list[tuple[str, str]]:
     ]
 
 
-async def presence_settled(cluster: Cluster, group: Sequence[RoomClient]) -> None:
+async def presence_settled(cluster: Cluster, group: Sequence[ChatPage]) -> None:
     """Waits until every client's member list is the group: diffs come up to an
     interval after the joins, and a test that counts later diffs must not see
     those."""
@@ -526,7 +360,7 @@ async def presence_settled(cluster: Cluster, group: Sequence[RoomClient]) -> Non
     )
 
 
-async def post_from(group: Sequence[RoomClient], text: str) -> int:
+async def post_from(group: Sequence[ChatPage], text: str) -> int:
     """Posts one message from each client; returns how many."""
     for client in group:
         await client.post(f"{text} ({client.username})")

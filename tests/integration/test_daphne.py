@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from harness.client import ChatSocket
 from tests.conftest import assert_event
 from tests.integration.conftest import (
-    ChatSocket,
     DaphneServer,
     HttpSession,
     create_room,
@@ -31,10 +31,7 @@ async def post(socket: ChatSocket, text: str) -> dict[str, Any]:
     Presence diffs may come in between (a user who just closed a socket leaves
     a moment later, whatever the test does next): `receive` passes over them.
     """
-    await socket.send({"type": "message", "message": text})
-    frame = await socket.receive()
-    while frame["type"] == "typing":
-        frame = await socket.receive()
+    frame = await socket.post(text)
     assert_event(frame, "message", message=text)
     return frame
 

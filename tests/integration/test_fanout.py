@@ -25,14 +25,13 @@ from typing import Any
 import pytest
 import redis
 
+from harness.client import RECEIVE_TIMEOUT, ChatSocket
 from tests.integration.conftest import (
     HTTP_TIMEOUT,
     PLAIN_DAPHNE_COMMAND,
-    RECEIVE_TIMEOUT,
     REPO_ROOT,
     SETUP_SCRIPT,
     WORKER_COMMAND,
-    ChatSocket,
     DaphneServer,
     unique_name,
 )
