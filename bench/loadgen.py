@@ -35,7 +35,7 @@ from typing import Any
 
 from picows import WSListener, WSMsgType, ws_connect
 
-SUBPROTOCOL = "chat.batch"
+from harness.wire import SUBPROTOCOL_BATCH, handshake_headers, message_frame
 
 
 class Sock(WSListener):
@@ -140,6 +140,7 @@ class Client:
     # -- receiving ---------------------------------------------------------
 
     def handle(self, sock: Sock, payload: bytes, now_ns: int) -> None:
+        # harness.wire.decode_events, inlined: this runs for every frame received.
         data = json.loads(payload)
         events = data if isinstance(data, list) else (data,)
         sock.events += len(events)
@@ -208,9 +209,9 @@ class Client:
         async def open_one(spec: dict) -> None:
             sock = Sock(self, spec)
             self.socks[sock.id] = sock
-            headers = {"Origin": spec["origin"], "Cookie": f"sessionid={spec['cookie']}"}
+            headers = handshake_headers(spec["origin"], spec["cookie"])
             if job.get("subprotocol"):
-                headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
+                headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL_BATCH
             factory = None
             if spec.get("rcvbuf"):
 
@@ -233,7 +234,7 @@ class Client:
                         )
                         response = transport.response
                         sock.batch = response is not None and (
-                            response.headers.get("Sec-WebSocket-Protocol") == SUBPROTOCOL
+                            response.headers.get("Sec-WebSocket-Protocol") == SUBPROTOCOL_BATCH
                         )
                         if self.ours:
                             await sock.welcomed
@@ -284,7 +285,7 @@ class Client:
                 continue
             text = f"w{key}:{attempt}:{time.monotonic_ns()}:warm-up"
             if self.ours:
-                frame = {"type": "message", "message": text, "client_id": f"w{key}-{attempt}"}
+                frame = message_frame(text, f"w{key}-{attempt}")
             else:
                 frame = {"message": text}
             sock.transport.send(WSMsgType.TEXT, json.dumps(frame).encode())
@@ -323,7 +324,7 @@ class Client:
             prefix = f"{sender.key}:{counter}:{time.monotonic_ns()}:"
             text = prefix + "x" * max(0, pad_to - len(prefix))
             if self.ours:
-                frame = {"type": "message", "message": text, "client_id": f"{sender.key}-{counter}"}
+                frame = message_frame(text, f"{sender.key}-{counter}")
             else:
                 frame = {"message": text}
             sock.transport.send(WSMsgType.TEXT, json.dumps(frame).encode())

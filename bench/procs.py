@@ -1,4 +1,5 @@
-"""Processes the bench starts: redis-server and workers, on free loopback ports.
+"""Processes the bench starts: redis-server and workers on free loopback ports
+(harness.processes), and what it reads of them: CPU time, memory, metrics.
 
 Every child is stopped by its own pid, on every exit path (see stop_all).
 """
@@ -8,28 +9,38 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import redis
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30
-STOP_TIMEOUT = 10
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-LOOPBACK = "127.0.0.1"
+# LOOPBACK, REPO_ROOT and Child: the suite uses them through this module.
+from harness.processes import (  # noqa: F401
+    APPLICATION,
+    LAUNCHER,
+    LOOPBACK,
+    PLAIN_DAPHNE,
+    REPO_ROOT,
+    Child,
+    Children,
+    Daphne,
+    HarnessError,
+    RedisServer,
+    http_get,
+    manage,
+    start_all,
+)
 
-# server name -> (argv after the interpreter, ASGI application)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# server name -> (the program in front of daphne's arguments, ASGI application)
 SERVER_COMMANDS = {
-    "ours": (["-m", "chatproject.server"], "chatproject.asgi:application"),
-    "baseline": (["-m", "daphne"], "bench.baseline.asgi:application"),
+    "ours": (LAUNCHER, APPLICATION),
+    "baseline": (PLAIN_DAPHNE, "bench.baseline.asgi:application"),
 }
+
+# Every child still running, so that any exit path stops them all.
+CHILDREN = Children()
 
 
 def raise_nofile_limit() -> int:
@@ -46,13 +57,6 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             continue
     return soft
-
-
-def free_port() -> int:
-    """Returns a TCP port that is free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,53 +83,8 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class Child:
-    """A child process whose output goes to a file; stopped by its own pid."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path):
-        self.name = name
-        self.log_path = log
-        # A file, not a pipe: nobody reads a pipe during the run, and a full
-        # one would block the child.
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-        CHILDREN.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def output(self, limit: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self in CHILDREN:
-            CHILDREN.remove(self)
-
-
-# Every child still running, so that any exit path stops them all.
-CHILDREN: list[Child] = []
-
-
 def stop_all() -> None:
-    for child in reversed(CHILDREN[:]):
-        child.stop()
+    CHILDREN.stop_all()
 
 
 def redis_version() -> str:
@@ -141,34 +100,14 @@ def redis_version() -> str:
 
 def start_redis(workdir: Path) -> tuple[Child, str]:
     """Starts a redis-server with no persistence; returns it and its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (make system-packages)")
-    port = free_port()
-    data = workdir / "redis"
-    data.mkdir(exist_ok=True)
-    child = Child(
-        "redis",
-        [binary, "--port", str(port), "--bind", LOOPBACK, "--save", ""]
-        + ["--appendonly", "no", "--dir", str(data), "--maxclients", "10000"],
-        dict(os.environ),
-        workdir / "redis.log",
-    )
-    url = f"redis://{LOOPBACK}:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + START_TIMEOUT
     try:
-        while True:
-            try:
-                client.ping()
-                return child, url
-            except redis.ConnectionError:
-                if not child.alive() or time.monotonic() > deadline:
-                    child.stop()
-                    raise RuntimeError(f"redis-server did not start:\n{child.output()}")
-                time.sleep(0.05)
-    finally:
-        client.close()
+        server = RedisServer(
+            workdir / "redis", options=["--maxclients", "10000"], registry=CHILDREN
+        )
+    except HarnessError as error:  # not installed
+        raise SystemExit(str(error))
+    server.start()
+    return server, server.url
 
 
 def flush_redis(url: str) -> None:
@@ -206,67 +145,42 @@ def worker_env(db_path: Path, secret_key: str) -> dict[str, str]:
 
 
 def migrate(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{result.stdout}{result.stderr}")
+    manage("migrate", "--noinput", "-v0", env=env, timeout=300)
 
 
 def start_workers(
     server: str, count: int, env: dict[str, str], workdir: Path, tag: str
 ) -> list[tuple[Child, int]]:
-    """Starts `count` workers of `server` at once; returns (child, port) when all answer."""
-    module_argv, app = SERVER_COMMANDS[server]
-    started: list[tuple[Child, int]] = []
-    for number in range(count):
-        port = free_port()
-        child = Child(
-            f"{server} worker {number}",
-            [sys.executable, *module_argv, "-b", LOOPBACK, "-p", str(port), app],
-            env,
+    """Starts `count` workers of `server` at once; returns (child, port) when all answer.
+
+    Any HTTP answer on /healthz counts: the baseline has no such page.
+    """
+    command, application = SERVER_COMMANDS[server]
+    workers = [
+        Daphne(
             workdir / f"{tag}-worker{number}.log",
+            env=env,
+            command=command,
+            application=application,
+            name=f"{server} worker {number}",
+            registry=CHILDREN,
         )
-        started.append((child, port))
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + START_TIMEOUT
-    for child, port in started:
-        while True:
-            if not child.alive():
-                for other, _ in started:
-                    other.stop()
-                raise RuntimeError(f"{child.name} exited at start:\n{child.output()}")
-            try:
-                opener.open(f"http://{LOOPBACK}:{port}/healthz", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break  # any HTTP answer: the server is up (the baseline has no /healthz)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                output = child.output()
-                for other, _ in started:
-                    other.stop()
-                raise RuntimeError(f"{child.name} did not answer:\n{output}")
-            time.sleep(0.05)
-    return started
+        for number in range(count)
+    ]
+    start_all(workers)
+    return [(worker, worker.port) for worker in workers]
 
 
 def metric_sum(port: int, name: str) -> float | None:
     """Returns the sum of a Prometheus metric's samples on a worker, None if absent."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://{LOOPBACK}:{port}/metrics", timeout=2) as response:
-            text = response.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        status, body = http_get(f"http://{LOOPBACK}:{port}/metrics")
+    except OSError:
+        return None
+    if status != 200:
         return None
     total, found = 0.0, False
-    for line in text.splitlines():
+    for line in body.decode("utf-8", "replace").splitlines():
         if line.startswith(name) and (line[len(name)] in " {"):
             try:
                 total += float(line.rsplit(" ", 1)[1])
