@@ -3,7 +3,8 @@ throwaway PostgreSQL, N workers (`python -m chatproject.server --proxy-headers`)
 and nginx in front of them. `bin/cluster` runs one until Ctrl-C; the cluster
 tests start one with `Cluster(...).start()`.
 
-Standard library only: it drives processes, it does not import the project.
+Standard library only (the processes are harness.processes'): it drives
+processes, it does not import the project.
 """
 
 from __future__ import annotations
@@ -14,21 +15,30 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.processes import (
+    REPO_ROOT,
+    Child,
+    Daphne,
+    HarnessError,
+    Nginx,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    http_get,
+    manage,
+    port_is_free,
+    start_all,
+)
+
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf"
 
-START_TIMEOUT = 30
-STOP_TIMEOUT = 10
 # CHAT_DRAIN_SECONDS unless set: workers get a few seconds more before SIGKILL.
 DRAIN_SECONDS = 10
 # How long nginx leaves a worker alone after a refused connection. Short: a
@@ -38,82 +48,8 @@ UPSTREAM_OPTIONS = "max_fails=1 fail_timeout=2s"
 CLUSTER_VARIABLES = ("DATABASE_URL", "REDIS_URL", "DJANGO_TEST_SQLITE")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(HarnessError):
     """A part of the cluster did not start; the message carries its log."""
-
-
-# ---------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Returns a TCP port that is free on `host` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when a server could listen on host:port (as they do, with SO_REUSEADDR)."""
-    with socket.socket() as sock:
-        # Without it, connections of a server that just stopped (TIME_WAIT) count.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def find_binary(name: str) -> str:
-    """Returns the path of a system program; sbin is often not in a user's PATH."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
-        candidate = Path(folder) / name
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise ClusterError(f"{name} is not installed (`make system-packages` installs it)")
-
-
-def log_tail(path: Path, limit: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except FileNotFoundError:
-        return ""
-
-
-def wait_until(
-    check: Callable[[], bool],
-    *,
-    what: str,
-    timeout: float = START_TIMEOUT,
-    alive: Callable[[], bool] | None = None,
-    log: Path | None = None,
-) -> None:
-    """Polls `check` until it is true; fails with the log when the process dies."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if alive is not None and not alive():
-            raise ClusterError(f"{what} exited before it answered:\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise ClusterError(
-                f"{what} did not answer within {timeout} s:\n{log_tail(log)}"
-            )
-        time.sleep(0.05)
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """Returns (status, body), errors included; raises OSError when nothing answers."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
 
 
 def render_template(template: str, values: Mapping[str, str]) -> str:
@@ -129,246 +65,35 @@ def render_template(template: str, values: Mapping[str, str]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Processes
+# Workers and nginx as deployed
 # ---------------------------------------------------------------------------
 
 
-class Process:
-    """A child process writing to a log file, stopped by its own pid."""
+class Worker(Daphne):
+    """One worker: `python -m chatproject.server --proxy-headers` on its own port.
 
-    def __init__(self, name: str, log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def spawn(
-        self,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | str | None = None,
-    ) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                list(args),
-                env=env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Ctrl-C in the terminal reaches bin/cluster alone, which then
-                # stops everything in order (workers first, so they can drain).
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def output(self) -> str:
-        """Returns the end of what the process wrote."""
-        return log_tail(self.log_path)
-
-    def send_signal(self, signum: int) -> None:
-        if self.alive():
-            self.process.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """Waits for the process to exit; returns its status (-N: killed by N)."""
-        return self.process.wait(timeout=timeout)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
-        """Sends `signum`, waits up to `timeout` seconds, then kills."""
-        self.send_signal(signum)
-        self.wait_or_kill(timeout)
-
-    def wait_or_kill(self, timeout: float) -> None:
-        if not self.alive():
-            return
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-class RedisServer(Process):
-    """A redis-server on a free loopback port, without persistence."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        super().__init__("redis-server", folder / "redis.log")
-        self.folder = folder
-        self.binary = find_binary("redis-server")
-        self.port = port or free_port()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Starts the server (again on the same port after stop(): a restart)."""
-        self.spawn(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.folder),
-            ]
-        )  # fmt: skip
-        wait_until(self.ping, what=self.name, alive=self.alive, log=self.log_path)
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-
-class PostgresServer:
-    """A throwaway PostgreSQL server in `folder`, on a free loopback port.
-
-    PostgreSQL refuses to run as root, so as root every step runs as the
-    `postgres` user (runuser). A server on 5432 is neither used nor touched.
+    --proxy-headers: the client address and scheme come from nginx's
+    X-Forwarded-For / X-Forwarded-Proto (nginx overwrites them). In a process
+    group of its own: Ctrl-C in the terminal reaches bin/cluster alone, which
+    then stops everything in order (workers first, so they can drain).
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.data = folder / "data"
-        self.log_path = folder / "server.log"
-        self.port = free_port()
-        self.bindir = self.find_bindir()
-        self.started = False
-
-    @staticmethod
-    def find_bindir() -> Path:
-        """Returns the bin folder of the newest installed PostgreSQL server."""
-        versions = sorted(
-            Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-            key=lambda path: (
-                int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0
-            ),
-        )
-        if versions:
-            return versions[-1].parent
-        found = shutil.which("initdb")
-        if found:
-            return Path(found).parent
-        raise ClusterError(
-            "PostgreSQL server not installed (no initdb); "
-            "install it with: apt-get install -y postgresql"
-        )
-
-    @property
-    def url(self) -> str:
-        return f"postgres://postgres@127.0.0.1:{self.port}/chat"
-
-    def run(self, program: str, *args: str) -> None:
-        command = [str(self.bindir / program), *args]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        # From / : the caller's folder may be closed to the postgres user.
-        result = subprocess.run(
-            command,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            start_new_session=True,
-        )
-        if result.returncode != 0:
-            raise ClusterError(
-                f"{program} failed ({result.returncode}):\n{result.stdout}"
-                f"{result.stderr}{log_tail(self.log_path)}"
-            )
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(self.folder, "postgres", "postgres")
-        # Explicit UTF8: with no locale in the environment initdb picks SQL_ASCII.
-        self.run(
-            "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-            "--no-sync", "-E", "UTF8", "--locale=C.UTF-8",
-        )  # fmt: skip
-        # Durability is pointless here; -k keeps the socket out of /run/postgresql.
-        options = (
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self.started = True
-        self.run(
-            "pg_ctl", "start", "-w", "-s", "-D", str(self.data),
-            "-l", str(self.log_path), "-o", options,
-        )  # fmt: skip
-        self.run(
-            "createdb",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-U",
-            "postgres",
-            "chat",
-        )
-
-    def stop(self) -> None:
-        if self.started:
-            self.started = False
-            try:
-                self.run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-s")
-            except (ClusterError, subprocess.TimeoutExpired):
-                pass
-
-
-class Worker(Process):
-    """One worker: `python -m chatproject.server --proxy-headers` on its own port."""
-
     def __init__(self, port: int, env: Mapping[str, str], log_dir: Path) -> None:
-        super().__init__(f"worker :{port}", log_dir / f"worker-{port}.log")
-        self.port = port
-        self.env = dict(env)
+        super().__init__(
+            log_dir / f"worker-{port}.log",
+            env=env,
+            port=port,
+            options=["--proxy-headers"],
+            group=True,
+        )
         # chat.presence.WORKER_ID of the running process, read from /healthz.
         self.id: str | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        # --proxy-headers: the client address and scheme come from nginx's
-        # X-Forwarded-For / X-Forwarded-Proto (nginx overwrites them).
-        return [
-            sys.executable, "-m", "chatproject.server", "--proxy-headers",
-            "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application",
-        ]  # fmt: skip
-
-    def spawn_worker(self) -> None:
+    def launch(self) -> None:
         self.id = None
-        self.spawn(self.command(), env=self.env, cwd=REPO_ROOT)
+        super().launch()
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        wait_until(
-            self.answers,
-            what=self.name,
-            timeout=timeout,
-            alive=self.alive,
-            log=self.log_path,
-        )
-
-    def start(self) -> None:
-        self.spawn_worker()
-        self.wait_ready()
-
-    def answers(self) -> bool:
+    def ready(self) -> bool:
         """True once /healthz answers (it needs neither the database nor Redis)."""
         try:
             status, body = http_get(f"{self.base_url}/healthz", timeout=1)
@@ -380,66 +105,20 @@ class Worker(Process):
         return True
 
 
-class Nginx(Process):
-    """nginx from deploy/nginx.conf, unprivileged, everything under `prefix`."""
-
-    def __init__(
-        self, prefix: Path, *, listen: str, upstreams: Iterable[int], static_root: Path
-    ) -> None:
-        prefix.mkdir(parents=True, exist_ok=True)
-        (prefix / "logs").mkdir(exist_ok=True)
-        (prefix / "temp").mkdir(exist_ok=True)
-        super().__init__("nginx", prefix / "logs" / "error.log")
-        self.prefix = prefix
-        self.conf = prefix / "nginx.conf"
-        self.binary = find_binary("nginx")
-        self.listen = listen
-        servers = [f"server 127.0.0.1:{port} {UPSTREAM_OPTIONS};" for port in upstreams]
-        self.conf.write_text(
-            render_template(
-                NGINX_TEMPLATE.read_text(),
-                {
-                    "PREFIX": str(prefix),
-                    "LISTEN": listen,
-                    "UPSTREAM_SERVERS": "\n        ".join(servers),
-                    "STATIC_ROOT": str(static_root),
-                },
-            )
-        )
-
-    def command(self, *extra: str) -> list[str]:
-        # -e: the log of startup errors, before the config names its own.
-        return [
-            self.binary, "-p", str(self.prefix), "-e", str(self.log_path),
-            "-c", str(self.conf), *extra,
-        ]  # fmt: skip
-
-    def start(self) -> None:
-        check = subprocess.run(
-            self.command("-t", "-q"), capture_output=True, text=True, timeout=30
-        )
-        if check.returncode != 0:
-            raise ClusterError(
-                f"nginx rejected {self.conf}:\n{check.stderr}{log_tail(self.log_path)}"
-            )
-        self.spawn(self.command())
-        host, port = self.listen.rsplit(":", 1)
-        host = "127.0.0.1" if host in ("0.0.0.0", "*") else host
-        wait_until(
-            lambda: not port_is_free_to_connect(host, int(port)),
-            what=self.name,
-            alive=self.alive,
-            log=self.log_path,
-        )
-
-
-def port_is_free_to_connect(host: str, port: int) -> bool:
-    """True while nothing accepts connections on host:port."""
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
-        return True
-    return False
+def nginx_config(
+    prefix: Path, *, listen: str, upstreams: Iterable[int], static_root: Path
+) -> str:
+    """Returns deploy/nginx.conf filled in for nginx under `prefix`."""
+    servers = [f"server 127.0.0.1:{port} {UPSTREAM_OPTIONS};" for port in upstreams]
+    return render_template(
+        NGINX_TEMPLATE.read_text(),
+        {
+            "PREFIX": str(prefix),
+            "LISTEN": listen,
+            "UPSTREAM_SERVERS": "\n        ".join(servers),
+            "STATIC_ROOT": str(static_root),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -476,7 +155,7 @@ class Cluster:
         self.worker_ports = list(worker_ports or [free_port() for _ in range(workers)])
         self.extra_env = dict(env or {})
         self.redis = [
-            RedisServer(self.workdir / f"redis-{index}")
+            RedisServer(self.workdir / f"redis-{index}", group=True)
             for index in range(redis_servers)
         ]
         self.postgres = PostgresServer(self.workdir / "postgres")
@@ -549,16 +228,18 @@ class Cluster:
             self.workers = [
                 Worker(port, self.env, self.log_dir) for port in self.worker_ports
             ]
-            # Started together, then awaited: each takes a second or two to import.
-            for worker in self.workers:
-                worker.spawn_worker()
-            for worker in self.workers:
-                worker.wait_ready()
+            start_all(self.workers)
+            prefix = self.workdir / "nginx"
+            listen = f"{self.host}:{self.port}"
             self.nginx = Nginx(
-                self.workdir / "nginx",
-                listen=f"{self.host}:{self.port}",
-                upstreams=self.worker_ports,
-                static_root=self.static_root,
+                prefix,
+                config=nginx_config(
+                    prefix,
+                    listen=listen,
+                    upstreams=self.worker_ports,
+                    static_root=self.static_root,
+                ),
+                listen=listen,
             )
             self.nginx.start()
         except BaseException:
@@ -594,21 +275,8 @@ class Cluster:
         self, *args: str, input: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess:
         """Runs `manage.py ARGS` against the cluster's database; fails loudly."""
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=REPO_ROOT,
-            env=self.env or self.worker_env(),
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if result.returncode != 0:
-            raise ClusterError(
-                f"manage.py {' '.join(args)} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        return result
+        env = self.env or self.worker_env()
+        return manage(*args, env=env, input=input, timeout=timeout)
 
     def kill_worker(self, index: int, signum: int = signal.SIGKILL) -> int:
         """Signals worker `index` and waits for it to exit; returns its status."""
@@ -635,11 +303,11 @@ class Cluster:
 
     def logs(self) -> dict[str, str]:
         """Returns the end of each process's log, for a failure report."""
-        processes: list[Process] = [*self.workers, *self.extra_workers, *self.redis]
+        processes: list[Child] = [*self.workers, *self.extra_workers, *self.redis]
         if self.nginx is not None:
             processes.append(self.nginx)
-        logs = {f"{p.name} ({p.log_path.name})": p.output() for p in processes}
-        logs["postgres"] = log_tail(self.postgres.log_path)
+        logs = {f"{p.name} ({p.log_path.name})": p.output(4000) for p in processes}
+        logs["postgres"] = self.postgres.output(4000)
         return logs
 
 
@@ -692,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch(cluster)
     except KeyboardInterrupt:
         pass
-    except ClusterError as error:
+    except HarnessError as error:
         print(f"cluster: {error}", file=sys.stderr)
         return 1
     finally:
@@ -736,7 +404,7 @@ def watch(cluster: Cluster) -> None:
     reported: set[int] = set()
     while True:
         time.sleep(1)
-        processes: list[Process] = [*cluster.workers, *cluster.redis]
+        processes: list[Child] = [*cluster.workers, *cluster.redis]
         if cluster.nginx is not None:
             processes.append(cluster.nginx)
         for process in processes:
