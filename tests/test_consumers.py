@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
@@ -521,42 +524,95 @@ async def test_welcome_costs_the_same_queries_for_any_backlog(alice, room):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
-async def test_two_layer_instances_on_one_redis_fan_out(
-    connect, alice, bob, room, settings, redis_server
-):
-    settings.CHANNEL_LAYERS = {
-        "default": redis_layer_config(redis_server.url),
-        "second": redis_layer_config(redis_server.url),
-    }
-    from channels.security.websocket import AllowedHostsOriginValidator
+class SecondWorker:
+    """A second worker in this process: its own layer instance on the same Redis."""
 
-    from chat.auth import SocketAuthStack
+    ALIAS = "second"
 
-    second_worker = AllowedHostsOriginValidator(
-        SocketAuthStack(
-            URLRouter(
-                [
-                    re_path(
-                        r"^ws/chat/(?P<room>[^/]+)/$",
-                        ChatConsumer.as_asgi(channel_layer_alias="second"),
-                    )
-                ]
+    def __init__(self, connect) -> None:
+        from channels.security.websocket import AllowedHostsOriginValidator
+
+        from chat.auth import SocketAuthStack
+
+        self._connect = connect
+        self.clients: list = []
+        self.application = AllowedHostsOriginValidator(
+            SocketAuthStack(
+                URLRouter(
+                    [
+                        re_path(
+                            r"^ws/chat/(?P<room>[^/]+)/$",
+                            ChatConsumer.as_asgi(channel_layer_alias=self.ALIAS),
+                        )
+                    ]
+                )
             )
         )
-    )
+
+    @property
+    def layer(self):
+        return get_channel_layer(self.ALIAS)
+
+    async def connect(self, user, **kwargs):
+        """Opens a socket served by this worker (its consumer uses its layer)."""
+        client, welcome = await self._connect(user, app=self.application, **kwargs)
+        self.clients.append(client)
+        return client, welcome
+
+    @contextmanager
+    def sending(self) -> Iterator[list[str]]:
+        """While inside, what the app sends (its broadcasts) leaves through this
+        worker's layer instance, as it would from a process of its own.
+
+        Yields the groups sent to that way.
+        """
+        from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+
+        layer, default = self.layer, channel_layers[DEFAULT_CHANNEL_LAYER]
+        group_send = layer.group_send
+        sent: list[str] = []
+
+        async def recorded(group: str, message: dict) -> None:
+            sent.append(group)
+            await group_send(group, message)
+
+        layer.group_send = recorded
+        channel_layers.backends[DEFAULT_CHANNEL_LAYER] = layer
+        try:
+            yield sent
+        finally:
+            channel_layers.backends[DEFAULT_CHANNEL_LAYER] = default
+            del layer.group_send
+
+
+@pytest.fixture
+async def second_worker(connect, settings, redis_server) -> AsyncIterator[SecondWorker]:
+    """A second worker; its sockets are closed and its layer flushed in teardown."""
+    settings.CHANNEL_LAYERS = {
+        "default": redis_layer_config(redis_server.url),
+        SecondWorker.ALIAS: redis_layer_config(redis_server.url),
+    }
+    worker = SecondWorker(connect)
+    yield worker
+    # Before the layer closes: a socket's disconnect still leaves its groups.
+    for client in worker.clients:
+        await client.close()
+    await worker.layer.flush()
+    await worker.layer.close_pools()
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_two_layer_instances_on_one_redis_fan_out(
+    connect, second_worker, alice, bob, room
+):
     a, _ = await connect(alice)
-    b, _ = await connect(bob, app=second_worker)
+    b, _ = await second_worker.connect(bob)
     await a.wait_presence(joins=("bob",))
 
-    from_b = await post(b, "from the second worker")
+    with second_worker.sending() as sent:
+        from_b = await post(b, "from the second worker")
+    assert protocol.room_group_name("lobby") in sent
     assert await a.receive() == from_b
     from_a = await post(a, "from the first worker")
     assert await b.receive() == from_a
     assert (from_a["seq"], from_b["seq"]) == (2, 1)
-
-    from channels.layers import get_channel_layer
-
-    second = get_channel_layer("second")
-    await second.flush()
-    await second.close_pools()
