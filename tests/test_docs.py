@@ -1,4 +1,4 @@
-"""docs/protocol.md, docs/api.md and the README stay true to the code."""
+"""docs/protocol.md, docs/api.md, the README and ARCHITECTURE.md stay true to the code."""
 
 import re
 from pathlib import Path
@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_DOC = (REPO_ROOT / "docs" / "protocol.md").read_text()
 API_DOC = (REPO_ROOT / "docs" / "api.md").read_text()
 README = (REPO_ROOT / "README.md").read_text()
+ARCHITECTURE = (REPO_ROOT / "ARCHITECTURE.md").read_text()
 
 
 def constants(prefix: str) -> list[tuple[str, object]]:
@@ -83,3 +84,36 @@ def test_api_settings_are_in_the_readme(settings):
 def test_readme_has_a_one_line_curl_that_publishes():
     section = README.split("## HTTP API", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"^curl .*-d .*/api/rooms/[a-z0-9_-]+/messages/", section, re.M)
+
+
+# ---------------------------------------------------------------------------
+# ARCHITECTURE.md
+# ---------------------------------------------------------------------------
+
+
+def architecture_paths() -> list[str]:
+    """Returns the repository paths ARCHITECTURE.md names in backticks (`chat/hub.py`).
+
+    A path has a slash and may hold a `*`; URLs (`/api/`), placeholders
+    (`room.<slug>`) and the commands in fenced blocks are not paths.
+    """
+    text = re.sub(r"^```.*?^```", "", ARCHITECTURE, flags=re.M | re.S)
+    return sorted(
+        {
+            name
+            for name in re.findall(r"`([^`\s]+)`", text)
+            if "/" in name and not name.startswith("/") and "<" not in name and ":" not in name
+        }
+    )
+
+
+def test_architecture_names_the_modules():
+    paths = architecture_paths()
+    assert len(paths) >= 40, paths
+    assert "chat/consumers.py" in paths and "chatproject/settings.py" in paths
+
+
+@pytest.mark.parametrize("path", architecture_paths())
+def test_every_path_in_architecture_exists(path):
+    found = list(REPO_ROOT.glob(path)) if "*" in path else [REPO_ROOT / path]
+    assert found and all(p.exists() for p in found), f"ARCHITECTURE.md names {path}: no such file"
