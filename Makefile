@@ -1,5 +1,5 @@
-# The chat's entry points: `make run` (no services needed), `make test`, and
-# `make cluster` (nginx, several workers, Redis, PostgreSQL on loopback).
+# The chat's entry points: `make run` (no services needed), `make lint`, `make test`,
+# and `make cluster` (nginx, several workers, Redis, PostgreSQL on loopback).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Debian packages the tests start for real: command to look for, package name.
 SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql chromium:chromium nginx:nginx
 
-.PHONY: venv run cluster test test-postgres system-packages clean
+.PHONY: venv run cluster lint unit test test-postgres system-packages clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,16 @@ system-packages:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+## lint: ruff's lint rules and its formatter (settings in pyproject.toml), checked, not applied
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+## unit: the tests that start no process (no redis-server, daphne, nginx, PostgreSQL, Chromium)
+# tests/integration and tests/browser start them; tests/conftest.py marks `redis` the
+# tests in tests/test_*.py that start a redis-server.
+unit: venv
+	$(PY) -m pytest -m "not redis" tests/test_*.py
 
 ## test: the whole suite on SQLite, then the database-heavy tests on PostgreSQL
 test: venv system-packages

@@ -42,6 +42,23 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+# Parametrized fixtures whose "redis" case asks for `redis_server`.
+REDIS_PARAMETRIZED = ("channel_layer", "rate_cache")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `redis` each test that starts a redis-server, so that `make unit`
+    (`-m "not redis"`) runs the rest without one.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if "redis_server" in getattr(item, "fixturenames", ()) or any(
+            params.get(name) == "redis" for name in REDIS_PARAMETRIZED
+        ):
+            item.add_marker(pytest.mark.redis)
+
+
 def redis_layer_config(url: str) -> dict[str, Any]:
     from chatproject.settings import channel_layers_from_env
 
