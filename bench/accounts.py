@@ -61,7 +61,9 @@ def create_users(count: int, prefix: str = "bench") -> list[str]:
             HASH_SESSION_KEY: user.get_session_auth_hash(),
         }
         rows.append(
-            Session(session_key=key, session_data=store.encode(data), expire_date=expire)
+            Session(
+                session_key=key, session_data=store.encode(data), expire_date=expire
+            )
         )
         keys.append(key)
     with transaction.atomic():

@@ -234,7 +234,8 @@ class Client:
                         )
                         response = transport.response
                         sock.batch = response is not None and (
-                            response.headers.get("Sec-WebSocket-Protocol") == SUBPROTOCOL_BATCH
+                            response.headers.get("Sec-WebSocket-Protocol")
+                            == SUBPROTOCOL_BATCH
                         )
                         if self.ours:
                             await sock.welcomed
@@ -242,7 +243,9 @@ class Client:
                             sock.welcomed_at = time.monotonic()
                             sock.welcomed.set_result(True)
                 except Exception as error:  # noqa: BLE001 - reported, not raised
-                    failures.append(f"socket {sock.id}: {type(error).__name__}: {error}")
+                    failures.append(
+                        f"socket {sock.id}: {type(error).__name__}: {error}"
+                    )
 
         delay = job["connect_at"] - time.monotonic()
         if delay > 0:
@@ -254,7 +257,9 @@ class Client:
         ok = [
             s
             for s in self.socks.values()
-            if s.welcomed.done() and not s.welcomed.cancelled() and s.welcomed.exception() is None
+            if s.welcomed.done()
+            and not s.welcomed.cancelled()
+            and s.welcomed.exception() is None
         ]
         return {
             "step": "connected",
@@ -295,7 +300,10 @@ class Client:
                 sock
                 for sock in self.socks.values()
                 if not sock.stuck
-                and any(f"w{key}" not in sock.by_key for key in self.room_senders.get(sock.room, ()))
+                and any(
+                    f"w{key}" not in sock.by_key
+                    for key in self.room_senders.get(sock.room, ())
+                )
             ]
 
         deadline = time.monotonic() + timeout
@@ -310,8 +318,14 @@ class Client:
         self.measuring = True
         base = self.counts()
         start, end = go["start"], go["start"] + go["duration"]
-        await asyncio.gather(*(self.run_sender(s, start, end) for s in self.senders.values()))
-        return {"step": "sent", "sent": {k: s.sent for k, s in self.senders.items()}, "base": base}
+        await asyncio.gather(
+            *(self.run_sender(s, start, end) for s in self.senders.values())
+        )
+        return {
+            "step": "sent",
+            "sent": {k: s.sent for k, s in self.senders.items()},
+            "base": base,
+        }
 
     async def run_sender(self, sender: Sender, start: float, end: float) -> None:
         sock = self.socks[sender.socket]
@@ -362,12 +376,18 @@ class Client:
         want = 0
         for sock in self.socks.values():
             if not sock.stuck:
-                want += sum(expect["sent"].get(k, 0) for k in self.room_senders.get(sock.room, ()))
+                want += sum(
+                    expect["sent"].get(k, 0)
+                    for k in self.room_senders.get(sock.room, ())
+                )
         while self.unique < want and time.monotonic() < expect["deadline"]:
             await asyncio.sleep(0.02)
         in_time = self.unique
         # Late is not lost: wait a while longer to tell them apart.
-        while self.unique < want and time.monotonic() < expect["deadline"] + expect["grace"]:
+        while (
+            self.unique < want
+            and time.monotonic() < expect["deadline"] + expect["grace"]
+        ):
             await asyncio.sleep(0.02)
         done_at = time.monotonic()
         dups = ooo = seq_breaks = 0
@@ -382,7 +402,9 @@ class Client:
                 ooo += record[4]
             seq_breaks += sock.seq_breaks
             if sock.closed_at is not None:
-                closed.append(f"socket {sock.id}: closed by the server, code {sock.close_code}")
+                closed.append(
+                    f"socket {sock.id}: closed by the server, code {sock.close_code}"
+                )
         return {
             "step": "results",
             "expected": want,
@@ -417,7 +439,9 @@ class Client:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
         waits = [
-            s.transport.wait_disconnected() for s in self.socks.values() if s.transport is not None
+            s.transport.wait_disconnected()
+            for s in self.socks.values()
+            if s.transport is not None
         ]
         try:
             async with asyncio.timeout(5):
@@ -493,15 +517,21 @@ class ClientPool:
             pending = [c for i, c in enumerate(self.conns) if i not in replies]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"client processes gave no {step!r} within {timeout:.0f} s")
-            for conn in multiprocessing.connection.wait(pending, timeout=min(left, 0.25)):
+                raise TimeoutError(
+                    f"client processes gave no {step!r} within {timeout:.0f} s"
+                )
+            for conn in multiprocessing.connection.wait(
+                pending, timeout=min(left, 0.25)
+            ):
                 index = self.conns.index(conn)
                 try:
                     reply = conn.recv()
                 except EOFError:
                     raise RuntimeError(f"client process {index} died during {step!r}")
                 if reply.get("step") != step:
-                    raise RuntimeError(f"client process {index}: {reply!r} instead of {step}")
+                    raise RuntimeError(
+                        f"client process {index}: {reply!r} instead of {step}"
+                    )
                 replies[index] = reply
             if tick is not None:
                 tick()

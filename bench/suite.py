@@ -123,9 +123,15 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
         pool.gather("ready", 60)
         rss_idle = sum(procs.rss_kib(c.pid) for c in children)
         jobs = [
-            {"step": "job", "server": server, "subprotocol": server == "ours",
-             "senders": {}, "sockets": [], "concurrency": plan.concurrency,
-             "timeout": plan.connect_timeout}
+            {
+                "step": "job",
+                "server": server,
+                "subprotocol": server == "ours",
+                "senders": {},
+                "sockets": [],
+                "concurrency": plan.concurrency,
+                "timeout": plan.connect_timeout,
+            }
             for _ in range(args.client_procs)
         ]
         senders = {}
@@ -148,11 +154,15 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
         for job in jobs:
             job["senders"] = senders
             job["connect_at"] = connect_at
-        log(f"  {title} / {server}: opening {len(plan.sockets)} sockets on {workers} worker(s)")
+        log(
+            f"  {title} / {server}: opening {len(plan.sockets)} sockets on {workers} worker(s)"
+        )
         pool.send(jobs)
         connected = pool.gather("connected", plan.connect_timeout * 2 + 60)
-        log(f"  opened in {max(r['t_end'] for r in connected) - connect_at:.1f} s"
-            + (f"; sending for {plan.duration:.0f} s" if plan.senders else ""))
+        log(
+            f"  opened in {max(r['t_end'] for r in connected) - connect_at:.1f} s"
+            + (f"; sending for {plan.duration:.0f} s" if plan.senders else "")
+        )
         failures = [f for r in connected for f in r["failures"]]
         if failures:
             raise Failed(f"{len(failures)} socket(s) did not open, e.g. {failures[0]}")
@@ -187,7 +197,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
         def tick() -> None:
             if not plan.poll:
                 return
-            watch["rss_max"] = max(watch["rss_max"], sum(procs.rss_kib(c.pid) for c in children))
+            watch["rss_max"] = max(
+                watch["rss_max"], sum(procs.rss_kib(c.pid) for c in children)
+            )
             if server == "ours" and watch["closed_at"] is None:
                 total = sum(procs.metric_sum(p, SLOW_CLOSES) or 0 for p in ports)
                 if watch["closes0"] is None:
@@ -203,7 +215,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             if not cold:
                 break
             if time.monotonic() > warm_until:
-                raise Failed(f"{cold} socket(s) never got a warm-up post: not in the room")
+                raise Failed(
+                    f"{cold} socket(s) never got a warm-up post: not in the room"
+                )
         cpu0 = {k: sum(map(procs.cpu_seconds, v)) for k, v in pids.items()}
         start = time.monotonic() + 0.3
         tick()
@@ -214,8 +228,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             sent.update(reply["sent"])
         stopped = time.monotonic()
         deadline = stopped + plan.drain
-        pool.broadcast({"step": "expect", "sent": sent, "deadline": deadline,
-                        "grace": plan.grace})
+        pool.broadcast(
+            {"step": "expect", "sent": sent, "deadline": deadline, "grace": plan.grace}
+        )
         results = pool.gather("results", plan.drain + plan.grace + 60, tick)
         cpu1 = {k: sum(map(procs.cpu_seconds, v)) for k, v in pids.items()}
         tick()
@@ -253,7 +268,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             "worker_cpu_ms_per_k": (cpu1["workers"] - cpu0["workers"]) * per_k * 1000,
             "client_cpu_ms_per_k": (cpu1["clients"] - cpu0["clients"]) * per_k * 1000,
             "redis_cpu_ms_per_k": (
-                (cpu1["redis"] - cpu0["redis"]) * per_k * 1000 if "redis" in cpu0 else float("nan")
+                (cpu1["redis"] - cpu0["redis"]) * per_k * 1000
+                if "redis" in cpu0
+                else float("nan")
             ),
             "frames": sum(r["frames"] for r in results),
             "events": sum(r["events"] for r in results),
@@ -271,11 +288,15 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
     if disorder:
         problems.append(f"{disorder} deliveries out of order")
     if unexpected:
-        problems.append(f"{len(unexpected)} reading socket(s) closed, e.g. {unexpected[0]}")
+        problems.append(
+            f"{len(unexpected)} reading socket(s) closed, e.g. {unexpected[0]}"
+        )
     missing = expected - delivered - late
     if missing and not (plan.behind_ok and server == "baseline"):
-        problems.append(f"{missing} of {expected} deliveries lost "
-                        f"(not there {plan.drain + plan.grace:.0f} s after the last post)")
+        problems.append(
+            f"{missing} of {expected} deliveries lost "
+            f"(not there {plan.drain + plan.grace:.0f} s after the last post)"
+        )
     if not sent or not result["posts"]:
         problems.append("nothing was sent")
     if problems:
@@ -321,31 +342,51 @@ def fanout_plan(args, sockets: int, duration: float) -> Plan:
     )
 
 
-def workload_rows(args, letter: str) -> list[tuple[str, int, Callable[[], Plan], list[str]]]:
+def workload_rows(
+    args, letter: str
+) -> list[tuple[str, int, Callable[[], Plan], list[str]]]:
     """Returns the runs of one workload: (row title, workers, plan maker, figures)."""
     delivery = ["deliveries_per_s", "p50_ms", "p99_ms", "ratio"]
     cpu = ["worker_cpu_ms_per_k", "client_cpu_ms_per_k"]
     if letter == "a":
         count, duration = n(args, 1000), scaled(args, 15, 1)
         return [
-            (f"(a) fan-out, {count} sockets, 1 worker", 1,
-             lambda: fanout_plan(args, count, duration), delivery + cpu),
-            (f"(a) fan-out, {count} sockets, 2 workers + Redis", 2,
-             lambda: fanout_plan(args, count, duration), delivery + cpu + ["redis_cpu_ms_per_k"]),
+            (
+                f"(a) fan-out, {count} sockets, 1 worker",
+                1,
+                lambda: fanout_plan(args, count, duration),
+                delivery + cpu,
+            ),
+            (
+                f"(a) fan-out, {count} sockets, 2 workers + Redis",
+                2,
+                lambda: fanout_plan(args, count, duration),
+                delivery + cpu + ["redis_cpu_ms_per_k"],
+            ),
         ]
     if letter == "b":
         count, duration = n(args, 500), scaled(args, 8, 1)
         rows = []
         for rate in (20, 5):
+
             def plan(rate=rate) -> Plan:
                 return Plan(
                     sockets=room_sockets(count, "lat", USERS_PER_ROOM),
-                    senders={"s0": {"socket": 0, "room": "lat", "rate": rate, "size": 100}},
+                    senders={
+                        "s0": {"socket": 0, "room": "lat", "rate": rate, "size": 100}
+                    },
                     duration=duration,
                     behind_ok=True,
                 )
-            rows.append((f"(b) latency, {count} sockets, {rate} msg/s, 2 workers", 2, plan,
-                         delivery + cpu))
+
+            rows.append(
+                (
+                    f"(b) latency, {count} sockets, {rate} msg/s, 2 workers",
+                    2,
+                    plan,
+                    delivery + cpu,
+                )
+            )
         return rows
     if letter == "c":
         rooms, per_room, duration = n(args, 100), n(args, 20), scaled(args, 8, 1)
@@ -354,69 +395,134 @@ def workload_rows(args, letter: str) -> list[tuple[str, int, Callable[[], Plan],
         def plan() -> Plan:
             sockets, senders = [], {}
             for r in range(rooms):
-                senders[f"s{r}"] = {"socket": len(sockets), "room": f"m{r}",
-                                    "rate": total_rate / rooms, "phase": r / total_rate,
-                                    "size": 100}
+                senders[f"s{r}"] = {
+                    "socket": len(sockets),
+                    "room": f"m{r}",
+                    "rate": total_rate / rooms,
+                    "phase": r / total_rate,
+                    "size": 100,
+                }
                 sockets += room_sockets(per_room, f"m{r}", per_room)
             return Plan(sockets=sockets, senders=senders, duration=duration)
 
-        return [(f"(c) {rooms} rooms x {per_room} sockets, {total_rate:.0f} msg/s, 2 workers",
-                 2, plan, delivery + cpu)]
+        return [
+            (
+                f"(c) {rooms} rooms x {per_room} sockets, {total_rate:.0f} msg/s, 2 workers",
+                2,
+                plan,
+                delivery + cpu,
+            )
+        ]
     if letter == "d":
         count = n(args, 5000, 10)
 
         def plan() -> Plan:
             return Plan(
-                sockets=[{"room": f"i{i // 10}", "user": i % args.users} for i in range(count)],
+                sockets=[
+                    {"room": f"i{i // 10}", "user": i % args.users}
+                    for i in range(count)
+                ],
                 settle=2,
             )
 
-        return [(f"(d) idle, {count} sockets in rooms of 10, 2 workers", 2, plan,
-                 ["rss_idle_mib", "rss_open_mib", "kib_per_socket", "connect_s"])]
+        return [
+            (
+                f"(d) idle, {count} sockets in rooms of 10, 2 workers",
+                2,
+                plan,
+                ["rss_idle_mib", "rss_open_mib", "kib_per_socket", "connect_s"],
+            )
+        ]
     if letter == "e":
         count = n(args, 1000)
 
         def plan() -> Plan:
             return Plan(
-                sockets=[{"room": f"e{i // 10}", "user": i % args.users} for i in range(count)],
+                sockets=[
+                    {"room": f"e{i // 10}", "user": i % args.users}
+                    for i in range(count)
+                ],
                 concurrency=max(1, 500 // args.client_procs),
             )
 
-        return [(f"(e) connect storm, {count} sockets, 500 at once, 2 workers", 2, plan,
-                 ["sockets_per_s"])]
+        return [
+            (
+                f"(e) connect storm, {count} sockets, 500 at once, 2 workers",
+                2,
+                plan,
+                ["sockets_per_s"],
+            )
+        ]
     if letter == "f":
         count = min(n(args, 1000), args.users)
 
         def plan() -> Plan:
-            return Plan(sockets=room_sockets(count, "fill", count),
-                        concurrency=max(1, 100 // args.client_procs), connect_timeout=120)
+            return Plan(
+                sockets=room_sockets(count, "fill", count),
+                concurrency=max(1, 100 // args.client_procs),
+                connect_timeout=120,
+            )
 
-        return [(f"(f) room fill, {count} distinct users, 2 workers", 2, plan,
-                 ["connect_s", "fill_frames"])]
+        return [
+            (
+                f"(f) room fill, {count} distinct users, 2 workers",
+                2,
+                plan,
+                ["connect_s", "fill_frames"],
+            )
+        ]
     if letter == "g":
         readers, messages = n(args, 20), n(args, 10000, 20)
 
         def plan() -> Plan:
             sockets = room_sockets(readers, "stuck", USERS_PER_ROOM)
-            sockets.append({"room": "stuck", "user": readers, "rcvbuf": 4096, "stuck": True})
+            sockets.append(
+                {"room": "stuck", "user": readers, "rcvbuf": 4096, "stuck": True}
+            )
             return Plan(
                 sockets=sockets,
-                senders={"s0": {"socket": 0, "room": "stuck", "window": 16, "size": 1024,
-                                "count": messages}},
+                senders={
+                    "s0": {
+                        "socket": 0,
+                        "room": "stuck",
+                        "window": 16,
+                        "size": 1024,
+                        "count": messages,
+                    }
+                },
                 duration=scaled(args, 45, 5),
                 drain=30,
                 poll=True,
             )
 
-        return [(f"(g) stuck reader + {readers} readers, {messages} x 1 KiB, 1 worker", 1, plan,
-                 ["rss_growth_mib", "stuck_closed_s", "ratio", "p99_ms", "deliveries_per_s"])]
+        return [
+            (
+                f"(g) stuck reader + {readers} readers, {messages} x 1 KiB, 1 worker",
+                1,
+                plan,
+                [
+                    "rss_growth_mib",
+                    "stuck_closed_s",
+                    "ratio",
+                    "p99_ms",
+                    "deliveries_per_s",
+                ],
+            )
+        ]
     if letter == "sweep":
         rows = []
         for count in sorted({n(args, c) for c in (100, 250, 500, 1000)}):
             duration = scaled(args, 4, 1)
-            rows.append((f"sweep: fan-out, {count} sockets, 2 workers", 2,
-                         lambda count=count, duration=duration: fanout_plan(args, count, duration),
-                         ["deliveries_per_s", "p99_ms"]))
+            rows.append(
+                (
+                    f"sweep: fan-out, {count} sockets, 2 workers",
+                    2,
+                    lambda count=count, duration=duration: fanout_plan(
+                        args, count, duration
+                    ),
+                    ["deliveries_per_s", "p99_ms"],
+                )
+            )
         return rows
     raise ValueError(letter)
 
@@ -458,15 +564,22 @@ def summarise(rows, results, servers) -> tuple[str, bool]:
                 values = [r.get(figure) for r in runs]
                 if figure == "stuck_closed_s" and any(v is None for v in values):
                     closed = sum(v is not None for v in values)
-                    cells.append(f"not closed in {len(values) - closed} of {len(values)}")
+                    cells.append(
+                        f"not closed in {len(values) - closed} of {len(values)}"
+                    )
                     continue
                 medians[server] = statistics.median(values)
                 cells.append(fmt(figure, medians[server]))
             if both:
                 a, b = medians.get("ours"), medians.get("baseline")
-                cells.append(f"{a / b:.2f}" if a is not None and b not in (None, 0)
-                             and a == a and b == b else "-")
-            lines.append(f"| {title} | {FIGURES[figure][0]} | " + " | ".join(cells) + " |")
+                cells.append(
+                    f"{a / b:.2f}"
+                    if a is not None and b not in (None, 0) and a == a and b == b
+                    else "-"
+                )
+            lines.append(
+                f"| {title} | {FIGURES[figure][0]} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines), failed
 
 
@@ -480,8 +593,10 @@ def machine() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0))
-    return (f"{cores} cores ({model or 'unknown CPU'}), Python {platform.python_version()}, "
-            f"redis-server {procs.redis_version()}, SQLite")
+    return (
+        f"{cores} cores ({model or 'unknown CPU'}), Python {platform.python_version()}, "
+        f"redis-server {procs.redis_version()}, SQLite"
+    )
 
 
 def plot(path: Path, results, servers, rows) -> None:
@@ -498,16 +613,24 @@ def plot(path: Path, results, servers, rows) -> None:
             runs = results.get((title, server), [])
             if not match or not runs or any(isinstance(r, str) for r in runs):
                 continue
-            points.append((int(match.group(1)),
-                           statistics.median(r["deliveries_per_s"] for r in runs),
-                           statistics.median(r["p99_ms"] for r in runs)))
+            points.append(
+                (
+                    int(match.group(1)),
+                    statistics.median(r["deliveries_per_s"] for r in runs),
+                    statistics.median(r["p99_ms"] for r in runs),
+                )
+            )
         points.sort()
         if points:
             xs = [p[0] for p in points]
             left.plot(xs, [p[1] for p in points], marker="o", label=server)
             right.plot(xs, [p[2] for p in points], marker="o", label=server)
-    left.set(xlabel="sockets in the room", ylabel="deliveries/s", title="fan-out throughput")
-    right.set(xlabel="sockets in the room", ylabel="p99 latency, ms", title="fan-out p99")
+    left.set(
+        xlabel="sockets in the room", ylabel="deliveries/s", title="fan-out throughput"
+    )
+    right.set(
+        xlabel="sockets in the room", ylabel="p99 latency, ms", title="fan-out p99"
+    )
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
         axes.legend()
@@ -537,29 +660,51 @@ def write_doc(path: Path, block: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="runs of everything (medians)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated: {','.join(WORKLOADS)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of everything (medians)"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated: {','.join(WORKLOADS)}",
+    )
     parser.add_argument("--servers", default=",".join(SERVERS), help="ours,baseline")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="shrinks socket counts and durations (0.01 for a smoke run)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="shrinks socket counts and durations (0.01 for a smoke run)",
+    )
     parser.add_argument("--users", type=int, default=1000, help="accounts created")
-    parser.add_argument("--client-procs", type=int,
-                        default=max(2, min(4, len(os.sched_getaffinity(0)))),
-                        help="client processes the sockets are spread over")
-    parser.add_argument("--output", type=Path, default=procs.REPO_ROOT / "docs/performance.md")
-    parser.add_argument("--plot", type=Path,
-                        default=procs.REPO_ROOT / "docs/performance-fanout.png")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=max(2, min(4, len(os.sched_getaffinity(0)))),
+        help="client processes the sockets are spread over",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=procs.REPO_ROOT / "docs/performance.md"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=procs.REPO_ROOT / "docs/performance-fanout.png"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--all-rounds", action="store_true",
-                        help=f"repeat {', '.join(ONCE)} in every round too (default: first only)")
+    parser.add_argument(
+        "--all-rounds",
+        action="store_true",
+        help=f"repeat {', '.join(ONCE)} in every round too (default: first only)",
+    )
     args = parser.parse_args(argv)
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     for name in args.workload_list:
         if name not in WORKLOADS:
-            parser.error(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+            parser.error(
+                f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}"
+            )
     for name in args.server_list:
         if name not in SERVERS:
             parser.error(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -586,13 +731,17 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
     try:
         env = procs.worker_env(workdir / "db.sqlite3", secrets.token_urlsafe(50))
-        log(f"bench: {len(rows)} runs x {len(args.server_list)} servers x {args.rounds} "
-            f"round(s); open files limit {nofile}; migrating {workdir}/db.sqlite3")
+        log(
+            f"bench: {len(rows)} runs x {len(args.server_list)} servers x {args.rounds} "
+            f"round(s); open files limit {nofile}; migrating {workdir}/db.sqlite3"
+        )
         procs.migrate(env)
         accounts.setup_django(env)
         sessions = accounts.create_users(args.users)
         if not accounts.check_session(sessions[0]):
-            raise RuntimeError("the sessions written by the bench do not resolve to a user")
+            raise RuntimeError(
+                "the sessions written by the bench do not resolve to a user"
+            )
         ctx = Context(args, workdir, env, sessions)
         if any(row[1] > 1 for row in rows):
             ctx.redis, ctx.redis_url = procs.start_redis(workdir)
@@ -611,7 +760,8 @@ def main(argv=None) -> int:
                     results.setdefault((title, server), []).append(figures)
                     shown = ", ".join(
                         f"{FIGURES[k][0]} {fmt(k, figures[k])}"
-                        for k in next(r[3] for r in rows if r[0] == title) if k in figures
+                        for k in next(r[3] for r in rows if r[0] == title)
+                        if k in figures
                     )
                     log(f"  {server}: {shown}")
     except KeyboardInterrupt:
@@ -629,8 +779,13 @@ def main(argv=None) -> int:
             f"Command: `{command.strip()}`  ",
             f"Machine: {machine()}  ",
             f"Medians of {args.rounds} round(s) at scale {args.scale:g}"
-            + ("" if args.all_rounds or args.rounds == 1 or not set(ONCE) & set(args.workload_list)
-               else f" ({', '.join(w for w in ONCE if w in args.workload_list)}: first round only)")
+            + (
+                ""
+                if args.all_rounds
+                or args.rounds == 1
+                or not set(ONCE) & set(args.workload_list)
+                else f" ({', '.join(w for w in ONCE if w in args.workload_list)}: first round only)"
+            )
             + "; "
             f"{args.client_procs} client processes; the whole run took {elapsed / 60:.1f} min.",
             "",
@@ -642,8 +797,13 @@ def main(argv=None) -> int:
         write_doc(args.output, block)
         if "sweep" in args.workload_list:
             plot(args.plot, results, args.server_list, [(r[0], r[3]) for r in rows])
-        log(f"wrote {args.output}" + (f" and {args.plot}" if "sweep" in args.workload_list else ""))
+        log(
+            f"wrote {args.output}"
+            + (f" and {args.plot}" if "sweep" in args.workload_list else "")
+        )
     if failed:
-        log("SOME RUNS FAILED: deliveries lost, duplicated or out of order, or a start failed")
+        log(
+            "SOME RUNS FAILED: deliveries lost, duplicated or out of order, or a start failed"
+        )
         return 1
     return 0

@@ -105,8 +105,10 @@ class ConnectionInline(ViewOnlyMixin, admin.TabularInline):
     show_change_link = False
 
     def get_queryset(self, request):
-        return presence.live_connections().select_related("user").order_by(
-            "user__username", "connected_at"
+        return (
+            presence.live_connections()
+            .select_related("user")
+            .order_by("user__username", "connected_at")
         )
 
 
@@ -148,8 +150,15 @@ class RoomAdmin(admin.ModelAdmin):
         "online_now",
         "recent_messages",
     ]
-    fields = ["slug", "is_closed", "created_at", "last_seq", "last_message_at",
-              "online_now", "recent_messages"]
+    fields = [
+        "slug",
+        "is_closed",
+        "created_at",
+        "last_seq",
+        "last_message_at",
+        "online_now",
+        "recent_messages",
+    ]
     inlines = [ConnectionInline]
     actions = ["close_rooms", "reopen_rooms"]
 
@@ -216,7 +225,11 @@ class RoomAdmin(admin.ModelAdmin):
                 "",
                 "<li>{} ({} socket{})</li>",
                 (
-                    (row["user__username"], row["sockets"], "" if row["sockets"] == 1 else "s")
+                    (
+                        row["user__username"],
+                        row["sockets"],
+                        "" if row["sockets"] == 1 else "s",
+                    )
                     for row in rows
                 ),
             ),
@@ -237,7 +250,9 @@ class RoomAdmin(admin.ModelAdmin):
                 (
                     (
                         message.seq,
-                        timezone.localtime(message.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+                        timezone.localtime(message.created_at).strftime(
+                            "%Y-%m-%d %H:%M:%S"
+                        ),
                         message.author,
                         admin_link(message, message.body[:120]),
                         "deleted" if message.deleted_at else "",
@@ -250,7 +265,9 @@ class RoomAdmin(admin.ModelAdmin):
     def has_close_permission(self, request) -> bool:
         return request.user.has_perm("chat.close_room")
 
-    @admin.action(description="Close the selected rooms (read-only)", permissions=["close"])
+    @admin.action(
+        description="Close the selected rooms (read-only)", permissions=["close"]
+    )
     def close_rooms(self, request, queryset) -> None:
         self._set_closed(request, queryset, closed=True)
 
@@ -266,7 +283,9 @@ class RoomAdmin(admin.ModelAdmin):
         ]
         verb = "Closed" if closed else "Reopened"
         if changed:
-            self.message_user(request, f"{verb}: {', '.join(changed)}.", messages.SUCCESS)
+            self.message_user(
+                request, f"{verb}: {', '.join(changed)}.", messages.SUCCESS
+            )
         else:
             self.message_user(request, "Nothing to change.", messages.INFO)
 
@@ -331,7 +350,9 @@ class MessageAdmin(ViewOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description="author", ordering="author")
     def author_link(self, message: Message) -> str:
-        return admin_link(message.user, message.author) if message.user else message.author
+        return (
+            admin_link(message.user, message.author) if message.user else message.author
+        )
 
     @admin.display(description="message")
     def short_body(self, message: Message) -> str:
@@ -391,9 +412,9 @@ class ConnectionAdmin(ViewOnlyMixin, admin.ModelAdmin):
     actions = ["kick_users", "ban_users"]
 
     def has_view_permission(self, request, obj=None) -> bool:
-        return request.user.has_perm("chat.view_connection") or self.has_kick_permission(
-            request
-        )
+        return request.user.has_perm(
+            "chat.view_connection"
+        ) or self.has_kick_permission(request)
 
     def has_kick_permission(self, request) -> bool:
         return request.user.has_perm("chat.kick_user")
@@ -404,7 +425,9 @@ class ConnectionAdmin(ViewOnlyMixin, admin.ModelAdmin):
     def _pairs(self, queryset):
         return {(c.room, c.user) for c in queryset.select_related("room", "user")}
 
-    @admin.action(description="Kick the selected users out of those rooms", permissions=["kick"])
+    @admin.action(
+        description="Kick the selected users out of those rooms", permissions=["kick"]
+    )
     def kick_users(self, request, queryset) -> None:
         pairs = self._pairs(queryset)
         for room, user in pairs:
@@ -418,13 +441,23 @@ class ConnectionAdmin(ViewOnlyMixin, admin.ModelAdmin):
     def ban_users(self, request, queryset) -> None:
         pairs = self._pairs(queryset)
         for room, user in pairs:
-            moderation.user_ban(room=room, user=user, actor=request.user, reason="from the admin")
+            moderation.user_ban(
+                room=room, user=user, actor=request.user, reason="from the admin"
+            )
         self.message_user(request, f"Banned {len(pairs)} user(s).", messages.SUCCESS)
 
 
 @admin.register(RoomBan)
 class RoomBanAdmin(admin.ModelAdmin):
-    list_display = ["user", "room", "reason", "expires_at", "created_by", "created_at", "active"]
+    list_display = [
+        "user",
+        "room",
+        "reason",
+        "expires_at",
+        "created_by",
+        "created_at",
+        "active",
+    ]
     list_filter = ["room", "created_at", "expires_at"]
     search_fields = ["user__username", "room__slug", "reason"]
     list_select_related = ["user", "room", "created_by"]
@@ -472,7 +505,15 @@ class RoomBanAdmin(admin.ModelAdmin):
 class ModerationActionAdmin(ViewOnlyMixin, admin.ModelAdmin):
     # The record is append-only.
     deletable = False
-    list_display = ["created_at", "kind", "actor", "room", "target_user", "message_link", "detail"]
+    list_display = [
+        "created_at",
+        "kind",
+        "actor",
+        "room",
+        "target_user",
+        "message_link",
+        "detail",
+    ]
     list_filter = ["kind", ("created_at", admin.DateFieldListFilter), "room"]
     search_fields = ["actor__username", "target_user__username", "room__slug", "detail"]
     list_select_related = ["actor", "room", "target_user", "message"]
@@ -480,13 +521,23 @@ class ModerationActionAdmin(ViewOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description="message")
     def message_link(self, action: ModerationAction) -> str:
-        return admin_link(action.message, f"#{action.message.seq}") if action.message else "-"
-
+        return (
+            admin_link(action.message, f"#{action.message.seq}")
+            if action.message
+            else "-"
+        )
 
 
 @admin.register(Worker)
 class WorkerAdmin(ViewOnlyMixin, admin.ModelAdmin):
-    list_display = ["id", "started_at", "heartbeat_at", "alive", "sockets", "slow_closes"]
+    list_display = [
+        "id",
+        "started_at",
+        "heartbeat_at",
+        "alive",
+        "sockets",
+        "slow_closes",
+    ]
     readonly_fields = ["id", "started_at", "heartbeat_at", "slow_closes"]
 
     def get_queryset(self, request):

@@ -170,7 +170,9 @@ def api_endpoint(*methods: str) -> Callable[[View], View]:
                 # Only a push can hit this: a publish is stored first and its
                 # broadcast is best effort (pollers and reconnecting pages
                 # still get it).
-                logger.warning("API %s %s: channel layer unreachable", request.method, request.path)
+                logger.warning(
+                    "API %s %s: channel layer unreachable", request.method, request.path
+                )
                 return error_response(
                     ApiError(
                         protocol.ERROR_UNAVAILABLE,

@@ -33,7 +33,9 @@ class Batch(Generic[Item, Result]):
 
     def __init__(
         self,
-        many: Callable[[list[Item]], Awaitable[Sequence[Result | BaseException] | None]],
+        many: Callable[
+            [list[Item]], Awaitable[Sequence[Result | BaseException] | None]
+        ],
         max_size: int = 100,
     ) -> None:
         self.many = many
@@ -88,12 +90,16 @@ class DatabaseBatch(Batch[Item, Result]):
     """A Batch whose `many` is sync and runs on the database thread."""
 
     def __init__(
-        self, many: Callable[[list[Item]], Sequence[Result | BaseException]], max_size: int = 100
+        self,
+        many: Callable[[list[Item]], Sequence[Result | BaseException]],
+        max_size: int = 100,
     ) -> None:
         super().__init__(database_sync_to_async(many), max_size)
 
 
-def each(function: Callable[[Any], Result]) -> Callable[[list[Any]], list[Result | Exception]]:
+def each(
+    function: Callable[[Any], Result],
+) -> Callable[[list[Any]], list[Result | Exception]]:
     """Makes a one-item function a `many` for DatabaseBatch: one call per item, one trip."""
 
     def many(items: list[Any]) -> list[Result | Exception]:

@@ -254,7 +254,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 command.client_id,
             )
         message, created = await database_sync_to_async(services.message_post)(
-            room=self.room, user=self.user, text=command.text, client_id=command.client_id
+            room=self.room,
+            user=self.user,
+            text=command.text,
+            client_id=command.client_id,
         )
         if created:
             metrics.MESSAGES_RECEIVED.inc()
@@ -310,7 +313,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_direct(self, event: protocol.ServerEvent) -> None:
         """Sends an event at once, ahead of the outbox (before it starts)."""
         await self.send_text(
-            protocol.encode_frame(event, batch=self.outbox is not None and self.outbox.batch)
+            protocol.encode_frame(
+                event, batch=self.outbox is not None and self.outbox.batch
+            )
         )
         _count_sent(1, 1)
 
@@ -356,5 +361,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def chat_kick(self, message: dict) -> None:
         """Called when a moderator kicks or bans this socket's user from a room."""
         if self.room is not None and message.get("room") == self.room.slug:
-            logger.info("closing socket of user %s in %s: kicked", self.user.pk, self.room.slug)
+            logger.info(
+                "closing socket of user %s in %s: kicked", self.user.pk, self.room.slug
+            )
             await self.close(code=protocol.CLOSE_FORBIDDEN)

@@ -43,7 +43,11 @@ def readyz(request: HttpRequest) -> JsonResponse:
         problems.append("shutting down")
     if problems:
         return JsonResponse(
-            {"status": "unavailable", "reason": "; ".join(problems), "worker": WORKER_ID},
+            {
+                "status": "unavailable",
+                "reason": "; ".join(problems),
+                "worker": WORKER_ID,
+            },
             status=503,
         )
     return JsonResponse({"status": "ready", "worker": WORKER_ID})

@@ -252,7 +252,9 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         # What channels_redis's group_add does, for many groups at once.
         by_server: dict[int, list[tuple[str, str]]] = {}
         for group, channel in joins:
-            by_server.setdefault(self.consistent_hash(group), []).append((group, channel))
+            by_server.setdefault(self.consistent_hash(group), []).append(
+                (group, channel)
+            )
         now = time.time()
         for index, pairs in by_server.items():
             async with self.connection(index).pipeline(transaction=False) as pipe:
@@ -266,4 +268,3 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         # Every group is gone with the flush: join again on the next add.
         self.hub.forget_upstream()
         await super().flush()
-

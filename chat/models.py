@@ -85,7 +85,9 @@ class Connection(models.Model):
 
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="connections")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_connections"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_connections",
     )
     channel_name = models.CharField(max_length=200, unique=True)
     # The worker process that holds the socket (Worker.id). Not a foreign key:
@@ -156,7 +158,9 @@ class ModerationAction(models.Model):
         blank=True,
         related_name="+",
     )
-    message = models.ForeignKey(Message, on_delete=models.SET_NULL, null=True, blank=True)
+    message = models.ForeignKey(
+        Message, on_delete=models.SET_NULL, null=True, blank=True
+    )
     detail = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

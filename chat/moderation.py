@@ -55,8 +55,10 @@ def message_delete(*, message: Message, actor: AbstractBaseUser | None) -> bool:
     of what was removed survives.
     """
     with transaction.atomic():
-        locked = Message.objects.select_for_update().select_related("room").get(
-            pk=message.pk
+        locked = (
+            Message.objects.select_for_update()
+            .select_related("room")
+            .get(pk=message.pk)
         )
         if locked.deleted_at is not None:
             return False
@@ -100,12 +102,18 @@ def room_set_closed(
             return False
         locked.is_closed = closed
         locked.save(update_fields=["is_closed"])
-        kind = ModerationAction.Kind.CLOSE_ROOM if closed else ModerationAction.Kind.REOPEN_ROOM
+        kind = (
+            ModerationAction.Kind.CLOSE_ROOM
+            if closed
+            else ModerationAction.Kind.REOPEN_ROOM
+        )
         _record(kind, actor=actor, room=locked)
         event = protocol.event_room_state(closed=closed)
         transaction.on_commit(lambda: broadcast_room(locked.slug, event), robust=True)
     room.is_closed = closed
-    logger.info("room %s %s by %s", room.slug, "closed" if closed else "reopened", actor)
+    logger.info(
+        "room %s %s by %s", room.slug, "closed" if closed else "reopened", actor
+    )
     return True
 
 
@@ -145,13 +153,16 @@ def ban_active(*, room: Room, user: AbstractBaseUser) -> RoomBan | None:
     return _bans_in_force().filter(room=room, user=user).order_by("-created_at").first()
 
 
-def banned_pairs(pairs: Iterable[tuple[Room, AbstractBaseUser]]) -> set[tuple[int, int]]:
+def banned_pairs(
+    pairs: Iterable[tuple[Room, AbstractBaseUser]],
+) -> set[tuple[int, int]]:
     """Returns the (room id, user id) of each pair that a ban keeps out now."""
     pairs = {(room.pk, user.pk) for room, user in pairs}
     if not pairs:
         return set()
     found = _bans_in_force().filter(
-        room__in={room_id for room_id, _ in pairs}, user__in={user_id for _, user_id in pairs}
+        room__in={room_id for room_id, _ in pairs},
+        user__in={user_id for _, user_id in pairs},
     )
     return set(found.values_list("room_id", "user_id")) & pairs
 

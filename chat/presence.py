@@ -117,15 +117,21 @@ def workers_sweep() -> int:
             )
             for pair, (slug, name) in gone.items():
                 if pair not in still_here:
-                    transaction.on_commit(lambda slug=slug, name=name: diffs.note(slug, name))
+                    transaction.on_commit(
+                        lambda slug=slug, name=name: diffs.note(slug, name)
+                    )
     # No group_discard for the dead sockets: with the hub their channels were
     # never in a layer group (their worker's was, until the group expiry), and
     # the pub/sub layer's subscriptions died with the process.
     if dead_workers:
-        Worker.objects.filter(id__in=dead_workers, heartbeat_at__lt=_lease_cutoff()).delete()
+        Worker.objects.filter(
+            id__in=dead_workers, heartbeat_at__lt=_lease_cutoff()
+        ).delete()
     if rows or dead_workers:
         logger.info(
-            "swept %d socket(s) of dead worker(s) %s", len(rows), ", ".join(dead_workers)
+            "swept %d socket(s) of dead worker(s) %s",
+            len(rows),
+            ", ".join(dead_workers),
         )
     return len(rows)
 
@@ -224,9 +230,11 @@ def connections_open(
         worker_heartbeat()
         sockets_of: dict[int, int] = {}
         online: set[tuple[int, int]] = set()
-        for user_id, room_id in live_connections().filter(
-            user__in={o.user.pk for o in openings}
-        ).values_list("user_id", "room_id"):
+        for user_id, room_id in (
+            live_connections()
+            .filter(user__in={o.user.pk for o in openings})
+            .values_list("user_id", "room_id")
+        ):
             sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
             online.add((user_id, room_id))
         rows, firsts = [], []
@@ -255,7 +263,9 @@ def connections_open(
             results.append(first)
         Connection.objects.bulk_create(rows)
         if firsts:
-            transaction.on_commit(lambda: [diffs.note(slug, name) for slug, name in firsts])
+            transaction.on_commit(
+                lambda: [diffs.note(slug, name) for slug, name in firsts]
+            )
     return results
 
 
@@ -357,7 +367,9 @@ class PresenceDiffs:
             try:
                 # A fresh context: the caller's (a database thread's) would make
                 # the flush's own database call think it is nested in it.
-                loop.call_soon_threadsafe(self._arm, loop, context=contextvars.Context())
+                loop.call_soon_threadsafe(
+                    self._arm, loop, context=contextvars.Context()
+                )
                 return
             except RuntimeError:
                 with self._lock:
@@ -389,7 +401,9 @@ class PresenceDiffs:
             except Exception:
                 # Presence is best effort while Redis or the database is away;
                 # `welcome` and the next diff carry the truth again.
-                logger.warning("could not send the presence diff of %s", slug, exc_info=True)
+                logger.warning(
+                    "could not send the presence diff of %s", slug, exc_info=True
+                )
 
     def flush_now(self) -> None:
         """Sends every pending diff at once (sync code with no event loop)."""
@@ -399,7 +413,9 @@ class PresenceDiffs:
                 if event is not None:
                     broadcast_room(slug, event)
             except Exception:
-                logger.warning("could not send the presence diff of %s", slug, exc_info=True)
+                logger.warning(
+                    "could not send the presence diff of %s", slug, exc_info=True
+                )
 
 
 diffs = PresenceDiffs()

@@ -190,7 +190,10 @@ def _clean_text(raw: Any, limits: Limits, ref: str | None) -> str:
             ERROR_INVALID_MESSAGE, "message contains a lone surrogate", ref
         )
     for char in text:
-        if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
+        if (
+            unicodedata.category(char) == "Cc"
+            and char not in ALLOWED_CONTROL_CHARACTERS
+        ):
             raise ProtocolError(
                 ERROR_INVALID_MESSAGE,
                 f"message contains control character U+{ord(char):04X}",

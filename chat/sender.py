@@ -46,7 +46,9 @@ class OrderedSender:
             self._put(group, message)
         else:
             # A fresh context: the database thread's must not leak into the task.
-            loop.call_soon_threadsafe(self._put, group, message, context=contextvars.Context())
+            loop.call_soon_threadsafe(
+                self._put, group, message, context=contextvars.Context()
+            )
         return True
 
     def _put(self, group: str, message: dict[str, Any]) -> None:

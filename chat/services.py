@@ -64,7 +64,9 @@ def room_list() -> list[RoomSummary]:
         last_activity=Coalesce(F("last_message_at"), F("created_at")),
     ).order_by("-last_activity", "slug")
     return [
-        RoomSummary(slug=room.slug, online=room.online, last_activity=room.last_activity)
+        RoomSummary(
+            slug=room.slug, online=room.online, last_activity=room.last_activity
+        )
         for room in rooms
     ]
 
@@ -161,7 +163,9 @@ def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
         queryset = queryset.filter(seq__lt=before)
     newest_first = list(queryset.order_by("-seq")[: limit + 1])
     has_more = len(newest_first) > limit
-    return MessagePage(events=_page(room, newest_first[:limit][::-1]), has_more=has_more)
+    return MessagePage(
+        events=_page(room, newest_first[:limit][::-1]), has_more=has_more
+    )
 
 
 def room_messages_after(
@@ -172,7 +176,9 @@ def room_messages_after(
     Also returns whether more follow them: a poller then asks again at once
     with the last seq it got.
     """
-    messages = list(visible_messages(room).filter(seq__gt=since).order_by("seq")[: limit + 1])
+    messages = list(
+        visible_messages(room).filter(seq__gt=since).order_by("seq")[: limit + 1]
+    )
     return _page(room, messages[:limit]), len(messages) > limit
 
 
@@ -220,7 +226,10 @@ def room_welcome(
     if key not in shared:
         members, more = presence.room_members(room=room, limit=limit)
         # Counting only when the page is full: below it, the page is the count.
-        shared[key] = members, presence.room_member_count(room=room) if more else len(members)
+        shared[key] = (
+            members,
+            presence.room_member_count(room=room) if more else len(members),
+        )
     members, member_count = shared[key]
     return protocol.event_welcome(
         room=room.slug,
@@ -308,7 +317,10 @@ def sockets_open(
             admitted.append((len(results), request, room))
             results.append(None)  # filled in below
     recorded = presence.connections_open(
-        [presence.SocketOpening(room, r.user, r.channel_name, r.address) for _, r, room in admitted],
+        [
+            presence.SocketOpening(room, r.user, r.channel_name, r.address)
+            for _, r, room in admitted
+        ],
         max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
     )
     shared: dict = {}
@@ -318,13 +330,16 @@ def sockets_open(
         elif isinstance(outcome, Room.DoesNotExist):
             results[index] = SocketRefused(protocol.CLOSE_NO_SUCH_ROOM)
         else:
-            results[index] = room, room_welcome(
-                room=room,
-                user=request.user,
-                since=request.since,
-                page_size=settings.CHAT_HISTORY_PAGE,
-                resume_max=settings.CHAT_RESUME_MAX,
-                shared=shared,
+            results[index] = (
+                room,
+                room_welcome(
+                    room=room,
+                    user=request.user,
+                    since=request.since,
+                    page_size=settings.CHAT_HISTORY_PAGE,
+                    resume_max=settings.CHAT_RESUME_MAX,
+                    shared=shared,
+                ),
             )
     return results
 

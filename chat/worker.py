@@ -175,7 +175,9 @@ class LayerWatch:
             if hub is not None:
                 hub.forget_upstream()
             closed = await close_all_sockets(CLOSE_SERVICE_RESTART)
-            logger.warning("channel layer Redis restarted: closed %d socket(s) with 1012", closed)
+            logger.warning(
+                "channel layer Redis restarted: closed %d socket(s) with 1012", closed
+            )
         return restarted
 
 

@@ -25,7 +25,9 @@ from chat.routing import websocket_urlpatterns  # noqa: E402
 transport.install()
 
 # In DEBUG a bare `daphne` serves /static/ itself; in production nginx does.
-http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
+http_app = (
+    ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
+)
 
 application = ProtocolTypeRouter(
     {

@@ -179,7 +179,9 @@ class Client:
         self.raw.append(text)
         decoded = json.loads(text)
         for event in decoded if isinstance(decoded, list) else [decoded]:
-            (self.presence if event.get("type") == "presence" else self.frames).append(event)
+            (self.presence if event.get("type") == "presence" else self.frames).append(
+                event
+            )
 
     async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
         """Returns the next frame that is not a presence diff."""
@@ -285,7 +287,9 @@ def assert_event(frame: dict[str, Any], type: str, **fields: Any) -> None:
     """Asserts a server frame's type and the given fields."""
     assert frame["type"] == type, frame
     for key, value in fields.items():
-        assert frame.get(key) == value, f"{key}: {frame.get(key)!r} != {value!r} in {frame}"
+        assert frame.get(key) == value, (
+            f"{key}: {frame.get(key)!r} != {value!r} in {frame}"
+        )
 
 
 async def post(client: Client, text: str, **extra: Any) -> dict[str, Any]:
@@ -319,9 +323,7 @@ SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
 # Not validated here, where a broken document would stop every test of the
 # suite: test_openapi.py validates it (openapi-spec-validator).
-OPENAPI = OpenAPI.from_file_path(
-    str(SPEC_PATH), config=Config(spec_validator_cls=None)
-)
+OPENAPI = OpenAPI.from_file_path(str(SPEC_PATH), config=Config(spec_validator_cls=None))
 # Where $refs into the spec resolve for openapi-schema-validator.
 SPEC_URI = "urn:chat:openapi"
 SPEC_REGISTRY = Registry().with_resource(

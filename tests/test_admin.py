@@ -37,11 +37,17 @@ TOKENS = "/admin/chat/apitoken/"
 
 def open_socket(room: Room, user, channel: str, worker: str | None = None) -> None:
     if worker is None:
-        presence.connection_open(room=room, user=user, channel_name=channel, max_per_user=20)
+        presence.connection_open(
+            room=room, user=user, channel_name=channel, max_per_user=20
+        )
     else:
         presence.worker_heartbeat(worker_id=worker)
         Connection.objects.create(
-            room=room, user=user, channel_name=channel, worker=worker, address="10.0.0.9"
+            room=room,
+            user=user,
+            channel_name=channel,
+            worker=worker,
+            address="10.0.0.9",
         )
 
 
@@ -58,12 +64,18 @@ def staff_client(make_user, *permissions: str) -> HttpClient:
 def action(client: HttpClient, url: str, name: str, objects) -> object:
     return client.post(
         url,
-        {"action": name, "_selected_action": [obj.pk for obj in objects], "post": "yes"},
+        {
+            "action": name,
+            "_selected_action": [obj.pk for obj in objects],
+            "post": "yes",
+        },
     )
 
 
 def kinds() -> list[str]:
-    return list(ModerationAction.objects.order_by("created_at").values_list("kind", flat=True))
+    return list(
+        ModerationAction.objects.order_by("created_at").values_list("kind", flat=True)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +84,9 @@ def kinds() -> list[str]:
 
 
 @pytest.mark.django_db
-def test_room_list_counts_live_members_sockets_and_messages(admin_client, room, alice, bob):
+def test_room_list_counts_live_members_sockets_and_messages(
+    admin_client, room, alice, bob
+):
     open_socket(room, alice, "a1")
     open_socket(room, alice, "a2")
     open_socket(room, bob, "b1", worker="dead-worker")
@@ -137,13 +151,17 @@ def test_room_page_shows_who_is_online_where_and_recent_messages(
 
 
 @pytest.mark.django_db
-def test_messages_are_searchable_and_filterable_with_links(admin_client, room, alice, bob):
+def test_messages_are_searchable_and_filterable_with_links(
+    admin_client, room, alice, bob
+):
     other = Room.objects.create(slug="other")
     services.message_post(room=room, user=alice, text="apples")
     services.message_post(room=other, user=bob, text="bananas")
 
     def bodies(query: str) -> list[str]:
-        return [m.body for m in admin_client.get(MESSAGES + query).context["cl"].result_list]
+        return [
+            m.body for m in admin_client.get(MESSAGES + query).context["cl"].result_list
+        ]
 
     assert bodies("?q=apples") == ["apples"]
     assert bodies("?q=bob") == ["bananas"]
@@ -166,7 +184,10 @@ def test_staff_without_permission_cannot_delete_or_ban(make_user, room, alice):
     viewer = staff_client(make_user, "view_message", "view_room", "view_connection")
     open_socket(room, alice, "a1")
 
-    assert viewer.post(f"{MESSAGES}{message.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert (
+        viewer.post(f"{MESSAGES}{message.pk}/delete/", {"post": "yes"}).status_code
+        == 403
+    )
     action(viewer, MESSAGES, "delete_selected", [message])
     assert viewer.get(f"{BANS}add/").status_code == 403
     action(viewer, SOCKETS, "ban_users", Connection.objects.all())
@@ -205,7 +226,12 @@ def test_moderation_record_is_read_only(admin_client, room, alice):
     record = ModerationAction.objects.get()
     page = admin_client.get("/admin/chat/moderationaction/").content.decode()
     assert "delete message" in page and "admin" in page
-    assert admin_client.get(f"/admin/chat/moderationaction/{record.pk}/delete/").status_code == 403
+    assert (
+        admin_client.get(
+            f"/admin/chat/moderationaction/{record.pk}/delete/"
+        ).status_code
+        == 403
+    )
 
 
 @pytest.mark.django_db
@@ -238,18 +264,24 @@ async def test_deleting_a_message_removes_it_from_every_open_page(
     kept = await post(a, "fine")
     await b.receive()
 
-    await admin_post(admin_client, MESSAGES, {
-        "action": "delete_selected", "_selected_action": [first["id"]], "post": "yes"
-    })
+    await admin_post(
+        admin_client,
+        MESSAGES,
+        {"action": "delete_selected", "_selected_action": [first["id"]], "post": "yes"},
+    )
     for client in (a, b):
-        assert_event(await client.receive(), "deleted", id=first["id"], seq=first["seq"])
+        assert_event(
+            await client.receive(), "deleted", id=first["id"], seq=first["seq"]
+        )
     _, welcome = await connect(bob)
     assert [m["id"] for m in welcome["messages"]] == [kept["id"]]
     assert await db(kinds) == ["delete_message"]
 
 
 @live
-async def test_single_delete_view_is_a_soft_delete_seen_live(connect, admin_client, alice, room):
+async def test_single_delete_view_is_a_soft_delete_seen_live(
+    connect, admin_client, alice, room
+):
     a, _ = await connect(alice)
     sent = await post(a, "oops")
     await admin_post(admin_client, f"{MESSAGES}{sent['id']}/delete/", {"post": "yes"})
@@ -263,7 +295,9 @@ async def test_closing_a_room_makes_it_read_only_until_reopened(
     connect, admin_client, alice, room
 ):
     a, _ = await connect(alice)
-    await admin_post(admin_client, ROOMS, {"action": "close_rooms", "_selected_action": [room.pk]})
+    await admin_post(
+        admin_client, ROOMS, {"action": "close_rooms", "_selected_action": [room.pk]}
+    )
     assert_event(await a.receive(), "room", closed=True)
     await a.send({"type": "message", "message": "anyone?", "client_id": "c1"})
     error = await a.receive_type("error")
@@ -271,7 +305,9 @@ async def test_closing_a_room_makes_it_read_only_until_reopened(
     _, welcome = await connect(alice)
     assert welcome["closed"] is True
 
-    await admin_post(admin_client, ROOMS, {"action": "reopen_rooms", "_selected_action": [room.pk]})
+    await admin_post(
+        admin_client, ROOMS, {"action": "reopen_rooms", "_selected_action": [room.pk]}
+    )
     assert_event(await a.receive(), "room", closed=False)
     assert_event(await post(a, "back"), "message", seq=1)
     assert await db(kinds) == ["close_room", "reopen_room"]
@@ -289,9 +325,11 @@ async def test_kick_closes_the_users_sockets_in_that_room_with_4403(
     await a.wait_presence(joins=("bob",))
     sockets = await db(lambda: list(Connection.objects.filter(user=bob, room=room)))
 
-    await admin_post(admin_client, SOCKETS, {
-        "action": "kick_users", "_selected_action": [c.pk for c in sockets]
-    })
+    await admin_post(
+        admin_client,
+        SOCKETS,
+        {"action": "kick_users", "_selected_action": [c.pk for c in sockets]},
+    )
     assert await b1.receive_close() == protocol.CLOSE_FORBIDDEN
     assert await b2.receive_close() == protocol.CLOSE_FORBIDDEN
     assert await elsewhere.receive_nothing(), "a kick is for one room"
@@ -308,10 +346,17 @@ async def test_ban_kicks_now_and_refuses_reconnects_until_lifted(
     connect, admin_client, admin_user, bob, room
 ):
     b, _ = await connect(bob)
-    response = await admin_post(admin_client, f"{BANS}add/", {
-        "room": room.pk, "user": bob.pk, "reason": "flooding", "expires_at_0": "",
-        "expires_at_1": "",
-    })
+    response = await admin_post(
+        admin_client,
+        f"{BANS}add/",
+        {
+            "room": room.pk,
+            "user": bob.pk,
+            "reason": "flooding",
+            "expires_at_0": "",
+            "expires_at_1": "",
+        },
+    )
     assert response.status_code == 302, response.content.decode()[:2000]
     assert await b.receive_close() == protocol.CLOSE_FORBIDDEN
 

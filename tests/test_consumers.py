@@ -50,8 +50,13 @@ async def stored_bodies(room_slug: str = "lobby") -> list[str]:
 async def test_welcome_lists_members_and_empty_backlog(connect, alice, room):
     _, welcome = await connect(alice)
     assert_event(
-        welcome, "welcome", room="lobby", user="alice", members=["alice"],
-        messages=[], has_more=False,
+        welcome,
+        "welcome",
+        room="lobby",
+        user="alice",
+        members=["alice"],
+        messages=[],
+        has_more=False,
     )
 
 
@@ -91,7 +96,9 @@ async def test_a_handshake_is_accepted_before_the_database_thread_is_free(
     held = asyncio.ensure_future(database_sync_to_async(hold_the_thread)())
     try:
         await asyncio.wait_for(asyncio.to_thread(started.wait), 5)
-        client = await connect(None, headers=[ORIGIN, (b"cookie", cookie)], welcome=False)
+        client = await connect(
+            None, headers=[ORIGIN, (b"cookie", cookie)], welcome=False
+        )
     finally:
         release.set()
         await held
@@ -167,8 +174,15 @@ async def test_message_reaches_everyone_with_gapless_seq(connect, alice, bob, ro
     await a.wait_presence(joins=("bob",))
 
     first = await post(a, "hello", client_id="c-1")
-    assert_event(first, "message", seq=1, user="alice", message="hello",
-                 room="lobby", client_id="c-1")
+    assert_event(
+        first,
+        "message",
+        seq=1,
+        user="alice",
+        message="hello",
+        room="lobby",
+        client_id="c-1",
+    )
     assert isinstance(first["id"], int) and first["ts"].endswith("Z")
     assert await b.receive() == first
 
@@ -204,8 +218,9 @@ async def test_retry_after_reconnect_gets_the_original(connect, alice, room):
     original = await post(a, "sent before the drop", client_id="c-9")
     await a.close()
     again, _ = await connect(alice, query="since=1")
-    await again.send({"type": "message", "message": "sent before the drop",
-                      "client_id": "c-9"})
+    await again.send(
+        {"type": "message", "message": "sent before the drop", "client_id": "c-9"}
+    )
     assert await again.receive() == original
     assert await stored_bodies() == ["sent before the drop"]
 
@@ -239,8 +254,10 @@ ERROR_CASES = [
     ('{"type": "message", "message": 42}', protocol.ERROR_INVALID_MESSAGE),
     ('{"type": "message", "message": "a\\u0000b"}', protocol.ERROR_INVALID_MESSAGE),
     ('{"type": "message", "message": "\\ud800"}', protocol.ERROR_INVALID_MESSAGE),
-    ('{"type": "message", "message": "x", "client_id": ""}',
-     protocol.ERROR_INVALID_CLIENT_ID),
+    (
+        '{"type": "message", "message": "x", "client_id": ""}',
+        protocol.ERROR_INVALID_CLIENT_ID,
+    ),
     ('{"type": "history", "limit": 0}', protocol.ERROR_INVALID_FIELD),
     ('{"type": "history", "before": "7"}', protocol.ERROR_INVALID_FIELD),
     ("   ", protocol.ERROR_EMPTY_FRAME),
@@ -323,12 +340,18 @@ async def test_join_and_leave_are_sent_as_presence_diffs(connect, alice, bob, ro
     b, welcome = await connect(bob)
     assert welcome["members"] == ["alice", "bob"]
     assert (welcome["member_count"], welcome["members_more"]) == (2, False)
-    assert_event(await a.receive_presence(), "presence", joins=["bob"], leaves=[], members=2)
+    assert_event(
+        await a.receive_presence(), "presence", joins=["bob"], leaves=[], members=2
+    )
     await b.close()
-    assert_event(await a.receive_presence(), "presence", joins=[], leaves=["bob"], members=1)
+    assert_event(
+        await a.receive_presence(), "presence", joins=[], leaves=["bob"], members=1
+    )
 
 
-async def test_joins_within_an_interval_are_one_diff(connect, make_user, room, settings):
+async def test_joins_within_an_interval_are_one_diff(
+    connect, make_user, room, settings
+):
     settings.CHAT_PRESENCE_INTERVAL_MS = 1000
     a, _ = await connect(await db(make_user, "watcher"))
     for index in range(5):
@@ -383,7 +406,10 @@ async def test_welcome_lists_a_first_page_of_members_and_the_rest_on_request(
     assert (welcome["member_count"], welcome["members_more"]) == (5, True)
     await watcher.send({"type": "members", "after": "bob"})
     assert_event(
-        await watcher.receive(), "members", after="bob", members=["carol", "dave"],
+        await watcher.receive(),
+        "members",
+        after="bob",
+        members=["carol", "dave"],
         has_more=True,
     )
     await watcher.send({"type": "members", "after": "dave"})
@@ -427,9 +453,7 @@ def seqs(frame: dict) -> list[int]:
     return [message["seq"] for message in frame["messages"]]
 
 
-async def test_welcome_has_the_last_page_of_the_backlog(
-    connect, alice, room, settings
-):
+async def test_welcome_has_the_last_page_of_the_backlog(connect, alice, room, settings):
     settings.CHAT_HISTORY_PAGE = 5
     await seed("lobby", 7, alice)
     _, welcome = await connect(alice)
@@ -438,9 +462,7 @@ async def test_welcome_has_the_last_page_of_the_backlog(
     assert welcome["messages"][-1]["message"] == "m7"
 
 
-async def test_history_pages_back_to_the_first_message(
-    connect, alice, room, settings
-):
+async def test_history_pages_back_to_the_first_message(connect, alice, room, settings):
     settings.CHAT_HISTORY_PAGE = 3
     await seed("lobby", 7, alice)
     a, welcome = await connect(alice)
@@ -481,9 +503,7 @@ async def test_since_at_the_newest_seq_returns_nothing(connect, alice, room):
     assert welcome["messages"] == []
 
 
-async def test_since_too_far_back_sends_the_latest_page(
-    connect, alice, room, settings
-):
+async def test_since_too_far_back_sends_the_latest_page(connect, alice, room, settings):
     settings.CHAT_RESUME_MAX = 3
     settings.CHAT_HISTORY_PAGE = 2
     await seed("lobby", 6, alice)

@@ -17,7 +17,11 @@ ARCHITECTURE = (REPO_ROOT / "ARCHITECTURE.md").read_text()
 
 
 def constants(prefix: str) -> list[tuple[str, object]]:
-    return [(name, value) for name, value in vars(protocol).items() if name.startswith(prefix)]
+    return [
+        (name, value)
+        for name, value in vars(protocol).items()
+        if name.startswith(prefix)
+    ]
 
 
 @pytest.mark.parametrize("name,code", constants("ERROR_"))
@@ -37,7 +41,9 @@ def test_the_doc_lists_no_error_code_the_code_lacks():
 
 
 def server_events_section() -> str:
-    return PROTOCOL_DOC.split("## Server to client", 1)[1].split("### Error codes", 1)[0]
+    return PROTOCOL_DOC.split("## Server to client", 1)[1].split("### Error codes", 1)[
+        0
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(protocol.server_event_types()))
@@ -102,7 +108,10 @@ def architecture_paths() -> list[str]:
         {
             name
             for name in re.findall(r"`([^`\s]+)`", text)
-            if "/" in name and not name.startswith("/") and "<" not in name and ":" not in name
+            if "/" in name
+            and not name.startswith("/")
+            and "<" not in name
+            and ":" not in name
         }
     )
 
@@ -116,4 +125,6 @@ def test_architecture_names_the_modules():
 @pytest.mark.parametrize("path", architecture_paths())
 def test_every_path_in_architecture_exists(path):
     found = list(REPO_ROOT.glob(path)) if "*" in path else [REPO_ROOT / path]
-    assert found and all(p.exists() for p in found), f"ARCHITECTURE.md names {path}: no such file"
+    assert found and all(p.exists() for p in found), (
+        f"ARCHITECTURE.md names {path}: no such file"
+    )

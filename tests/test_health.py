@@ -17,7 +17,9 @@ def test_healthz_answers_without_touching_anything(client):
 
 
 def test_readyz_is_ready_with_the_database_and_in_memory_layer(client, settings):
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    }
     response = client.get("/readyz")
     assert (response.status_code, response.json()["status"]) == (200, "ready")
 
@@ -37,7 +39,9 @@ def test_readyz_is_503_with_a_reason_when_redis_is_down(client, settings):
 
 def test_readyz_is_503_when_one_of_two_shards_is_down(client, settings, redis_server):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    settings.CHANNEL_LAYERS = {"default": redis_layer_config(f"{redis_server.url},{dead}")}
+    settings.CHANNEL_LAYERS = {
+        "default": redis_layer_config(f"{redis_server.url},{dead}")
+    }
     assert client.get("/readyz").status_code == 503
 
 

@@ -143,7 +143,9 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
     finally:
         await client.aclose()
     for user, (socket, _) in zip(users, opened):
-        await send_push_async(user.pk, protocol.event_push(event="hello", data=user.username))
+        await send_push_async(
+            user.pk, protocol.event_push(event="hello", data=user.username)
+        )
         assert_event(await socket.receive_type("push"), "push", data=user.username)
 
 
@@ -215,9 +217,10 @@ async def test_a_batch_client_gets_queued_events_as_one_array(connect, alice, ro
         hub().dispatch(group, _chat_event(typing(f"u{n}")))
     users = [(await a.receive())["user"] for _ in range(3)]
     assert users == ["u0", "u1", "u2"]
-    assert a.raw[-1] == "[" + ",".join(
-        protocol.encode(typing(f"u{n}")) for n in range(3)
-    ) + "]"
+    assert (
+        a.raw[-1]
+        == "[" + ",".join(protocol.encode(typing(f"u{n}")) for n in range(3)) + "]"
+    )
 
 
 async def test_a_client_without_batches_gets_one_event_per_frame(connect, alice, room):
@@ -256,14 +259,14 @@ async def test_a_socket_over_its_queue_bound_is_closed_as_too_slow(
     assert await other.receive_close() == protocol.CLOSE_TOO_SLOW
 
 
-async def test_a_slow_socket_does_not_hold_up_the_others(connect, alice, bob, room, settings):
+async def test_a_slow_socket_does_not_hold_up_the_others(
+    connect, alice, bob, room, settings
+):
     settings.CHAT_SEND_QUEUE_FRAMES = 5
     slow, _ = await connect(alice)
     fast, _ = await connect(bob)
     group = protocol.room_group_name("lobby")
-    slow_sink = next(
-        sink for sink in hub().sinks.values() if sink.user.pk == alice.pk
-    )
+    slow_sink = next(sink for sink in hub().sinks.values() if sink.user.pk == alice.pk)
     # Only the slow socket's queue is already full.
     for n in range(5):
         slow_sink.outbox.push(protocol.encode(typing("filler")))
@@ -273,7 +276,9 @@ async def test_a_slow_socket_does_not_hold_up_the_others(connect, alice, bob, ro
 
 
 def _slow_closes(reason: str) -> float:
-    return metrics.SLOW_CLOSES.labels(worker=metrics.WORKER_ID, reason=reason)._value.get()
+    return metrics.SLOW_CLOSES.labels(
+        worker=metrics.WORKER_ID, reason=reason
+    )._value.get()
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +290,9 @@ def test_a_handshake_is_one_database_call_of_a_fixed_number_of_queries(
     room, alice, bob, monkeypatch
 ):
     noted: list[tuple[str, str]] = []
-    monkeypatch.setattr(presence.diffs, "note", lambda slug, user: noted.append((slug, user)))
+    monkeypatch.setattr(
+        presence.diffs, "note", lambda slug, user: noted.append((slug, user))
+    )
     services.socket_open(
         slug="lobby", user=bob, channel_name="b1", address="127.0.0.1", since=None
     )
@@ -315,11 +322,16 @@ def outbox_for(sent: list[str], closed: list[tuple[str, int]], send=None, **kwar
     async def on_overflow(reason: str, dropped: int) -> None:
         closed.append((reason, dropped))
 
-    limits = dict(max_frames=100, max_bytes=10_000, stall_seconds=0.3,
-                  transport_high_water=1000)
+    limits = dict(
+        max_frames=100, max_bytes=10_000, stall_seconds=0.3, transport_high_water=1000
+    )
     limits.update(kwargs.pop("limits", {}))
-    return Outbox(send or send_text, limits=OutboxLimits(**limits), on_overflow=on_overflow,
-                  **{"batch": False, **kwargs})
+    return Outbox(
+        send or send_text,
+        limits=OutboxLimits(**limits),
+        on_overflow=on_overflow,
+        **{"batch": False, **kwargs},
+    )
 
 
 async def until(condition, timeout: float = 2.0) -> None:

@@ -61,7 +61,6 @@ def test_the_spec_validator_refuses_a_broken_document():
 # ---------------------------------------------------------------------------
 
 
-
 @dataclass
 class World:
     api: Api
@@ -236,8 +235,6 @@ def test_spec_patterns_and_limits_match_the_code(settings):
     assert room == f"^{protocol.ROOM_NAME_PATTERN.pattern}$"
     limit = SPEC["components"]["parameters"]["limit"]["schema"]
     assert limit["maximum"] == settings.CHAT_HISTORY_MAX
-
-
 
 
 def schemas_with_examples(node: Any, pointer: str = "") -> Iterator[tuple[str, Any]]:

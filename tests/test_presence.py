@@ -38,7 +38,12 @@ def members(room: Room) -> list[str]:
 
 
 def diff(joins=(), leaves=(), members=0) -> dict[str, Any]:
-    return {"type": "presence", "joins": list(joins), "leaves": list(leaves), "members": members}
+    return {
+        "type": "presence",
+        "joins": list(joins),
+        "leaves": list(leaves),
+        "members": members,
+    }
 
 
 @pytest.fixture
@@ -120,7 +125,9 @@ def kill_worker(worker_id: str = presence.WORKER_ID) -> None:
 def open_on(worker_id: str, room: Room, user, channel: str) -> None:
     """Records a socket held by another worker process."""
     presence.worker_heartbeat(worker_id=worker_id)
-    Connection.objects.create(room=room, user=user, channel_name=channel, worker=worker_id)
+    Connection.objects.create(
+        room=room, user=user, channel_name=channel, worker=worker_id
+    )
 
 
 def test_sockets_of_a_worker_whose_lease_ran_out_are_not_online(room, alice, bob):
@@ -232,7 +239,10 @@ def test_a_diff_reports_each_user_as_they_are_now(room, alice, bob):
 def test_members_come_in_pages(room, make_user):
     for name in ("dave", "alice", "carol", "bob"):
         open_socket(room, make_user(name), f"{name}-1")
-    assert presence.room_members(room=room, limit=3) == (["alice", "bob", "carol"], True)
+    assert presence.room_members(room=room, limit=3) == (
+        ["alice", "bob", "carol"],
+        True,
+    )
     assert presence.room_members(room=room, after="carol", limit=3) == (["dave"], False)
     assert presence.room_member_count(room=room) == 4
 
@@ -244,7 +254,12 @@ def test_a_sweep_costs_the_same_queries_for_any_number_of_sockets(room, make_use
 
     def sweep_of(count: int, worker_id: str) -> int:
         for index in range(count):
-            open_on(worker_id, room, make_user(f"{worker_id}-{index}"), f"{worker_id}-c{index}")
+            open_on(
+                worker_id,
+                room,
+                make_user(f"{worker_id}-{index}"),
+                f"{worker_id}-c{index}",
+            )
         kill_worker(worker_id)
         with CaptureQueriesContext(connection) as queries:
             assert presence.workers_sweep() == count

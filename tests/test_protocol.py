@@ -394,19 +394,30 @@ def test_timestamp_converts_other_offsets_to_utc():
 
 def test_encode_is_compact_json():
     event = protocol.event_presence(joins=["alice"], leaves=[], members=2)
-    assert encode(event) == '{"type":"presence","joins":["alice"],"leaves":[],"members":2}'
+    assert (
+        encode(event) == '{"type":"presence","joins":["alice"],"leaves":[],"members":2}'
+    )
 
 
 def test_a_batch_frame_is_an_array_of_events():
     event = protocol.event_typing(user="alice")
-    assert protocol.encode_frame(event, batch=True) == '[{"type":"typing","user":"alice"}]'
-    assert protocol.encode_frame(event, batch=False) == '{"type":"typing","user":"alice"}'
+    assert (
+        protocol.encode_frame(event, batch=True) == '[{"type":"typing","user":"alice"}]'
+    )
+    assert (
+        protocol.encode_frame(event, batch=False) == '{"type":"typing","user":"alice"}'
+    )
 
 
 def test_members_request_takes_an_optional_username():
     assert parse('{"type":"members"}') == protocol.MembersRequest(after=None)
-    assert parse('{"type":"members","after":"bob"}') == protocol.MembersRequest(after="bob")
-    for bad in ('{"type":"members","after":7}', '{"type":"members","after":"%s"}' % ("x" * 151)):
+    assert parse('{"type":"members","after":"bob"}') == protocol.MembersRequest(
+        after="bob"
+    )
+    for bad in (
+        '{"type":"members","after":7}',
+        '{"type":"members","after":"%s"}' % ("x" * 151),
+    ):
         with pytest.raises(protocol.ProtocolError) as error:
             parse(bad)
         assert error.value.code == protocol.ERROR_INVALID_FIELD

@@ -96,4 +96,3 @@ def test_drain_waits_at_most_chat_drain_seconds(draining_server, settings, monke
     monkeypatch.setattr(server.time, "monotonic", lambda: 100.0)
     draining_server.drain()
     assert draining_server.deadlines == [102.5]
-

@@ -429,7 +429,9 @@ def test_sockets_open_decides_each_socket_as_if_it_came_alone(
             request("lobby", alice, "a3", since=3),
         ]
     )
-    refused = [o.code if isinstance(o, services.SocketRefused) else None for o in outcomes]
+    refused = [
+        o.code if isinstance(o, services.SocketRefused) else None for o in outcomes
+    ]
     assert refused == [
         None,
         protocol.CLOSE_NO_SUCH_ROOM,
@@ -439,7 +441,9 @@ def test_sockets_open_decides_each_socket_as_if_it_came_alone(
         protocol.CLOSE_TOO_MANY_CONNECTIONS,
         None,
     ]
-    welcomes = {o[1]["user"] + str(i): o[1] for i, o in enumerate(outcomes) if not refused[i]}
+    welcomes = {
+        o[1]["user"] + str(i): o[1] for i, o in enumerate(outcomes) if not refused[i]
+    }
     # Every admitted socket is in the members it is welcomed with.
     assert welcomes["alice0"]["members"] == ["alice", "bob"]
     assert welcomes["carol3"]["members"] == ["bob", "carol"]
@@ -453,7 +457,9 @@ def test_sockets_open_notes_each_user_once_per_room(
     room, alice, bob, monkeypatch, django_capture_on_commit_callbacks
 ):
     noted: list[tuple[str, str]] = []
-    monkeypatch.setattr(presence.diffs, "note", lambda slug, user: noted.append((slug, user)))
+    monkeypatch.setattr(
+        presence.diffs, "note", lambda slug, user: noted.append((slug, user))
+    )
     with django_capture_on_commit_callbacks(execute=True):
         services.sockets_open(
             [

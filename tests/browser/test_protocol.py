@@ -65,7 +65,10 @@ def hold_sockets(stack: ExitStack, server, accounts, room: str) -> dict:
     """Opens one plain socket per account in `room`; returns them by username."""
     sockets = {}
     for account in accounts:
-        headers = {"Origin": server.base_url, "Cookie": f"sessionid={account.sessionid}"}
+        headers = {
+            "Origin": server.base_url,
+            "Cookie": f"sessionid={account.sessionid}",
+        }
         ws = stack.enter_context(
             ws_connect(
                 f"{server.ws_url}/ws/chat/{room}/",
@@ -202,7 +205,9 @@ def test_the_page_still_reads_one_event_per_frame(browsing, server):
     frames = page.evaluate("window.__frames")
     assert all(isinstance(json.loads(frame), dict) for frame in frames)
     page_b.close()
-    expect(page.locator("#messages li.notice").last).to_have_text(f"{bob.username} left")
+    expect(page.locator("#messages li.notice").last).to_have_text(
+        f"{bob.username} left"
+    )
     expect(page.locator("#member-count")).to_have_text("1")
 
 
@@ -211,9 +216,7 @@ def test_the_page_still_reads_one_event_per_frame(browsing, server):
 # ---------------------------------------------------------------------------
 
 
-def test_presence_diffs_are_idempotent_and_many_names_make_one_notice(
-    browsing, server
-):
+def test_presence_diffs_are_idempotent_and_many_names_make_one_notice(browsing, server):
     alice = new_account(server.base_url, "alice")
     room = new_room(server, alice)
     relay = Relay()

@@ -26,11 +26,29 @@ def test_bench_smoke_run(tmp_path):
         "<!-- bench:results:start -->\nold\n<!-- bench:results:end -->\n\nprose after\n"
     )
     png = tmp_path / "fanout.png"
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--scale", "0.005", "--rounds", "1",
-         "--users", "12", "--client-procs", "2", "--workloads", "g,sweep",
-         "--output", str(doc), "--plot", str(png)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--scale",
+            "0.005",
+            "--rounds",
+            "1",
+            "--users",
+            "12",
+            "--client-procs",
+            "2",
+            "--workloads",
+            "g,sweep",
+            "--output",
+            str(doc),
+            "--plot",
+            str(png),
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -43,7 +61,9 @@ def test_bench_smoke_run(tmp_path):
     text = doc.read_text()
     assert "prose before" in text and "prose after" in text and "old" not in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0] == "| workload | figure | ours | baseline | ours / baseline |", table
+    assert table[0] == "| workload | figure | ours | baseline | ours / baseline |", (
+        table
+    )
     assert any(line.startswith("| sweep: fan-out") for line in table), table
     assert any(line.startswith("| (g) stuck reader") for line in table), table
     assert png.exists() and png.stat().st_size > 0

@@ -90,8 +90,6 @@ async def eventually(
     return time.monotonic() - started
 
 
-
-
 def make_users(
     cluster: Cluster, count: int, *, rooms: Sequence[str] = ()
 ) -> dict[str, str]:
@@ -187,8 +185,10 @@ async def wait_all_have(
 ) -> None:
     await eventually(
         lambda: all(has_all(client, count) for client in group),
-        what=lambda: f"every client got seqs 1..{count}; missing some: "
-        + str({c.username: len(c.messages) for c in group if not has_all(c, count)}),
+        what=lambda: (
+            f"every client got seqs 1..{count}; missing some: "
+            + str({c.username: len(c.messages) for c in group if not has_all(c, count)})
+        ),
         cluster=cluster,
     )
 

@@ -103,8 +103,6 @@ def start(daphne_factory, template_db, tmp_path) -> Callable[..., DaphneServer]:
     return start_worker
 
 
-
-
 def make_users(
     server: DaphneServer, count: int, *, rooms: Sequence[str] = ()
 ) -> dict[str, str]:
@@ -343,16 +341,12 @@ async def flood_with_a_stuck_reader(start, ws_connect, command) -> None:
         stuck.close()
 
 
-async def test_a_stuck_reader_is_closed_and_the_room_gets_everything(
-    start, ws_connect
-):
+async def test_a_stuck_reader_is_closed_and_the_room_gets_everything(start, ws_connect):
     """Under the worker launcher, what `make run` and the cluster start."""
     await flood_with_a_stuck_reader(start, ws_connect, WORKER_COMMAND)
 
 
-async def test_a_stuck_reader_is_closed_under_plain_daphne_too(
-    start, ws_connect
-):
+async def test_a_stuck_reader_is_closed_under_plain_daphne_too(start, ws_connect):
     """The guard is the application's (chatproject.asgi), not the launcher's."""
     await flood_with_a_stuck_reader(start, ws_connect, PLAIN_DAPHNE_COMMAND)
 

@@ -22,7 +22,9 @@ async def test_killed_workers_users_leave_within_twice_the_lease(
     alice = new_account(one.base_url, "alice")
     bob = new_account(two.base_url, "bob")
 
-    alice_ws, _ = await ws_connect(one, "general", sessionid=alice.sessionid, welcome=True)
+    alice_ws, _ = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
     await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
     await alice_ws.wait_presence(joins=[bob.username])
 
