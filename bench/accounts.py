@@ -30,14 +30,18 @@ def setup_django(env: dict[str, str]) -> None:
 
 def create_users(count: int, prefix: str = "bench") -> list[str]:
     """Creates `count` users with unusable passwords; returns one sessionid each."""
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-    from django.contrib.auth import get_user_model
+    from datetime import timedelta
+
+    from django.contrib.auth import (
+        BACKEND_SESSION_KEY,
+        HASH_SESSION_KEY,
+        SESSION_KEY,
+        get_user_model,
+    )
     from django.contrib.auth.hashers import make_password
     from django.contrib.sessions.backends.db import SessionStore
     from django.contrib.sessions.models import Session
     from django.db import transaction
-    from datetime import timedelta
-
     from django.utils import timezone
     from django.utils.crypto import get_random_string
 
@@ -72,7 +76,7 @@ def create_users(count: int, prefix: str = "bench") -> list[str]:
 
 
 def check_session(sessionid: str) -> bool:
-    """Whether a session the bench wrote resolves to a user, as the workers will see it."""
+    """Whether a session the bench wrote resolves to a user, as the workers see it."""
     from django.contrib.auth import SESSION_KEY
     from django.contrib.sessions.backends.db import SessionStore
 

@@ -41,7 +41,7 @@ from harness.wire import SUBPROTOCOL_BATCH, handshake_headers, message_frame
 class Sock(WSListener):
     """One client socket: counts frames and events, records deliveries."""
 
-    def __init__(self, client: "Client", spec: dict[str, Any]) -> None:
+    def __init__(self, client: Client, spec: dict[str, Any]) -> None:
         self.client = client
         self.id = spec["id"]
         self.room = spec["room"]
@@ -52,7 +52,8 @@ class Sock(WSListener):
         self.frames = 0
         self.events = 0
         self.fragments: list[bytes] | None = None
-        # sender key -> [seen bytearray, unique count, highest counter, dups, out of order]
+        # sender key -> [seen bytearray, unique count, highest counter, dups,
+        # out of order]
         self.by_key: dict[str, list] = {}
         self.last_seq: int | None = None
         self.seq_breaks = 0
@@ -278,7 +279,7 @@ class Client:
         }
 
     async def warm_up(self, attempt: int, timeout: float) -> dict:
-        """Each sender posts once, unmeasured; waits until every socket here has them all.
+        """Each sender posts once, unmeasured; waits until every socket here has them.
 
         Only then is every socket surely in its group: the baseline joins its
         group after the handshake, so "open" does not mean "in the room" yet.
@@ -503,7 +504,7 @@ class ClientPool:
         return [p.pid for p in self.procs]
 
     def send(self, messages: list[dict]) -> None:
-        for conn, message in zip(self.conns, messages):
+        for conn, message in zip(self.conns, messages, strict=True):
             conn.send(message)
 
     def broadcast(self, message: dict) -> None:
@@ -527,7 +528,9 @@ class ClientPool:
                 try:
                     reply = conn.recv()
                 except EOFError:
-                    raise RuntimeError(f"client process {index} died during {step!r}")
+                    raise RuntimeError(
+                        f"client process {index} died during {step!r}"
+                    ) from None
                 if reply.get("step") != step:
                     raise RuntimeError(
                         f"client process {index}: {reply!r} instead of {step}"

@@ -105,7 +105,7 @@ def start_redis(workdir: Path) -> tuple[Child, str]:
             workdir / "redis", options=["--maxclients", "10000"], registry=CHILDREN
         )
     except HarnessError as error:  # not installed
-        raise SystemExit(str(error))
+        raise SystemExit(str(error)) from None
     server.start()
     return server, server.url
 
@@ -151,7 +151,8 @@ def migrate(env: dict[str, str]) -> None:
 def start_workers(
     server: str, count: int, env: dict[str, str], workdir: Path, tag: str
 ) -> list[tuple[Child, int]]:
-    """Starts `count` workers of `server` at once; returns (child, port) when all answer.
+    """Starts `count` workers of `server` at once; returns (child, port) for each
+    once all answer.
 
     Any HTTP answer on /healthz counts: the baseline has no such page.
     """

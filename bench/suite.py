@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import accounts, procs
 from bench.loadgen import ClientPool
@@ -102,7 +103,7 @@ def percentile(ordered, fraction: float) -> float:
 
 
 def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) -> dict:
-    """Starts the workers and clients, runs the plan, stops everything; returns figures."""
+    """Starts workers and clients, runs the plan, stops everything; returns figures."""
     args = ctx.args
     ctx.runs += 1
     tag = f"r{ctx.runs}"
@@ -155,7 +156,8 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
             job["senders"] = senders
             job["connect_at"] = connect_at
         log(
-            f"  {title} / {server}: opening {len(plan.sockets)} sockets on {workers} worker(s)"
+            f"  {title} / {server}: opening {len(plan.sockets)} sockets"
+            f" on {workers} worker(s)"
         )
         pool.send(jobs)
         connected = pool.gather("connected", plan.connect_timeout * 2 + 60)
@@ -407,7 +409,8 @@ def workload_rows(
 
         return [
             (
-                f"(c) {rooms} rooms x {per_room} sockets, {total_rate:.0f} msg/s, 2 workers",
+                f"(c) {rooms} rooms x {per_room} sockets, {total_rate:.0f} msg/s,"
+                " 2 workers",
                 2,
                 plan,
                 delivery + cpu,
@@ -594,7 +597,8 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0))
     return (
-        f"{cores} cores ({model or 'unknown CPU'}), Python {platform.python_version()}, "
+        f"{cores} cores ({model or 'unknown CPU'}), "
+        f"Python {platform.python_version()}, "
         f"redis-server {procs.redis_version()}, SQLite"
     )
 
@@ -732,8 +736,9 @@ def main(argv=None) -> int:
     try:
         env = procs.worker_env(workdir / "db.sqlite3", secrets.token_urlsafe(50))
         log(
-            f"bench: {len(rows)} runs x {len(args.server_list)} servers x {args.rounds} "
-            f"round(s); open files limit {nofile}; migrating {workdir}/db.sqlite3"
+            f"bench: {len(rows)} runs x {len(args.server_list)} servers"
+            f" x {args.rounds} round(s); open files limit {nofile};"
+            f" migrating {workdir}/db.sqlite3"
         )
         procs.migrate(env)
         accounts.setup_django(env)
@@ -774,6 +779,7 @@ def main(argv=None) -> int:
     table, failed = summarise([(r[0], r[3]) for r in rows], results, args.server_list)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     elapsed = time.monotonic() - began
+    once = ", ".join(w for w in ONCE if w in args.workload_list)
     block = "\n".join(
         [
             f"Command: `{command.strip()}`  ",
@@ -784,10 +790,11 @@ def main(argv=None) -> int:
                 if args.all_rounds
                 or args.rounds == 1
                 or not set(ONCE) & set(args.workload_list)
-                else f" ({', '.join(w for w in ONCE if w in args.workload_list)}: first round only)"
+                else f" ({once}: first round only)"
             )
             + "; "
-            f"{args.client_procs} client processes; the whole run took {elapsed / 60:.1f} min.",
+            f"{args.client_procs} client processes;"
+            f" the whole run took {elapsed / 60:.1f} min.",
             "",
             table,
         ]
@@ -803,7 +810,8 @@ def main(argv=None) -> int:
         )
     if failed:
         log(
-            "SOME RUNS FAILED: deliveries lost, duplicated or out of order, or a start failed"
+            "SOME RUNS FAILED: deliveries lost, duplicated or out of order,"
+            " or a start failed"
         )
         return 1
     return 0

@@ -121,7 +121,7 @@ def _bearer_token(request: HttpRequest) -> ApiToken:
             ERROR_INVALID_TOKEN,
             str(refused),
             {"WWW-Authenticate": f'{AUTH_REALM}, error="invalid_token"'},
-        )
+        ) from None
 
 
 def _rate_check(token: ApiToken) -> None:
@@ -134,7 +134,7 @@ def _rate_check(token: ApiToken) -> None:
             protocol.ERROR_RATE_LIMITED,
             f"too many requests for this token; retry in {seconds} s",
             {"Retry-After": str(seconds)},
-        )
+        ) from None
 
 
 def api_endpoint(*methods: str) -> Callable[[View], View]:
@@ -229,7 +229,7 @@ def read_json_object(request: HttpRequest) -> dict[str, Any]:
     try:
         data = protocol.loads_strict(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ApiError(protocol.ERROR_BAD_JSON, f"invalid JSON: {exc}")
+        raise ApiError(protocol.ERROR_BAD_JSON, f"invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(protocol.ERROR_NOT_AN_OBJECT, "the body must be a JSON object")
     return data

@@ -100,7 +100,7 @@ class DatabaseBatch(Batch[Item, Result]):
 def each(
     function: Callable[[Any], Result],
 ) -> Callable[[list[Any]], list[Result | Exception]]:
-    """Makes a one-item function a `many` for DatabaseBatch: one call per item, one trip."""
+    """Makes a one-item function a DatabaseBatch `many`: one call per item, one trip."""
 
     def many(items: list[Any]) -> list[Result | Exception]:
         outcomes: list[Result | Exception] = []

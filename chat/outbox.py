@@ -209,7 +209,7 @@ class Outbox:
         # does not read: the same stall bound applies.
         try:
             await asyncio.wait_for(self._send_text(text), self.limits.stall_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._overflow(REASON_STALLED)
 
 

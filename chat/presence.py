@@ -144,7 +144,7 @@ def workers_sweep() -> int:
 def room_members(
     *, room: Room, after: str | None = None, limit: int | None = None
 ) -> tuple[list[str], bool]:
-    """Returns a page of the sorted usernames online in the room, and whether more follow.
+    """Returns a page of the room's online usernames, sorted, and whether more follow.
 
     Online: at least one live socket. The page starts after `after`.
     """

@@ -10,8 +10,8 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Literal, TypedDict, Union, get_args, get_type_hints
+from datetime import UTC, datetime
+from typing import Any, Literal, TypedDict, get_args, get_type_hints
 from urllib.parse import parse_qs
 
 # ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class MembersRequest:
     after: str | None
 
 
-ClientCommand = Union[PostMessage, Typing, HistoryRequest, MembersRequest]
+ClientCommand = PostMessage | Typing | HistoryRequest | MembersRequest
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def _clean_text(raw: Any, limits: Limits, ref: str | None) -> str:
     except UnicodeEncodeError:
         raise ProtocolError(
             ERROR_INVALID_MESSAGE, "message contains a lone surrogate", ref
-        )
+        ) from None
     for char in text:
         if (
             unicodedata.category(char) == "Cc"
@@ -256,7 +256,7 @@ def parse_client_frame(
     try:
         frame = loads_strict(text)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ERROR_BAD_JSON, f"invalid JSON: {exc}")
+        raise ProtocolError(ERROR_BAD_JSON, f"invalid JSON: {exc}") from None
     if not isinstance(frame, dict):
         raise ProtocolError(ERROR_NOT_AN_OBJECT, "a frame must be a JSON object")
 
@@ -377,18 +377,18 @@ class ErrorEvent(TypedDict):
     ref: str | None
 
 
-ServerEvent = Union[
-    MessageEvent,
-    WelcomeEvent,
-    MembersEvent,
-    HistoryEvent,
-    PresenceEvent,
-    TypingEvent,
-    DeletedEvent,
-    RoomStateEvent,
-    PushEvent,
-    ErrorEvent,
-]
+ServerEvent = (
+    MessageEvent
+    | WelcomeEvent
+    | MembersEvent
+    | HistoryEvent
+    | PresenceEvent
+    | TypingEvent
+    | DeletedEvent
+    | RoomStateEvent
+    | PushEvent
+    | ErrorEvent
+)
 
 
 def server_event_types() -> dict[str, type]:
@@ -401,7 +401,7 @@ def server_event_types() -> dict[str, type]:
 
 def format_timestamp(moment: datetime) -> str:
     """Returns an ISO 8601 UTC timestamp with milliseconds and a Z."""
-    moment = moment.astimezone(timezone.utc)
+    moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

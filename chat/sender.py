@@ -34,7 +34,7 @@ class OrderedSender:
             self._pending.clear()
 
     def submit(self, group: str, message: dict[str, Any]) -> bool:
-        """Queues a group_send; False when no running loop is bound (send it yourself)."""
+        """Queues a group_send; False with no running loop bound (send it yourself)."""
         loop = self.loop
         if loop is None or loop.is_closed() or not loop.is_running():
             return False

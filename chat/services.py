@@ -260,7 +260,7 @@ class SocketRefused(Exception):
 
 @dataclass(frozen=True)
 class SocketRequest:
-    """A socket asking to open: who, where, from which address, resuming after which seq."""
+    """A socket asking to open: who, where, from which address, since which seq."""
 
     slug: str
     user: AbstractBaseUser
@@ -324,7 +324,7 @@ def sockets_open(
         max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
     )
     shared: dict = {}
-    for (index, request, room), outcome in zip(admitted, recorded):
+    for (index, request, room), outcome in zip(admitted, recorded, strict=True):
         if isinstance(outcome, presence.TooManyConnections):
             results[index] = SocketRefused(protocol.CLOSE_TOO_MANY_CONNECTIONS)
         elif isinstance(outcome, Room.DoesNotExist):

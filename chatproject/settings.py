@@ -30,7 +30,9 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}")
+        raise ImproperlyConfigured(
+            f"{name} must be an integer, got {value!r}"
+        ) from None
 
 
 def env_float(name: str, default: float) -> float:
@@ -41,7 +43,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(value)
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}")
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
@@ -222,7 +224,8 @@ CACHES = caches_from_env(os.environ.get("REDIS_URL"))
 
 AUTH_PASSWORD_VALIDATORS = [
     {
-        "NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"
+        # The dotted path stays whole, as Django's startproject writes it.
+        "NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"  # noqa: E501
     },
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},

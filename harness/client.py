@@ -150,7 +150,9 @@ class ChatSocket:
             async with asyncio.timeout(timeout):
                 text = await self.connection.recv()
         except TimeoutError:
-            raise AssertionError(f"no frame from the server within {timeout} s")
+            raise AssertionError(
+                f"no frame from the server within {timeout} s"
+            ) from None
         self.take(text)
 
     async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
@@ -213,7 +215,7 @@ class ChatSocket:
             raise AssertionError(
                 f"the member list seen is {sorted(self.view or ())}, not "
                 f"{sorted(members)}, after {timeout} s"
-            )
+            ) from None
 
     async def _read_for(self, timeout: float) -> None:
         """Reads (and keeps) every frame that comes within `timeout`."""
@@ -340,7 +342,7 @@ class ChatPage:
             raise AssertionError(
                 f"{self.username}: no welcome; closes {self.closes}, refused "
                 f"{self.refused[-3:]}{self.diagnose() if self.diagnose else ''}"
-            )
+            ) from None
         return self
 
     async def run(self) -> None:

@@ -24,9 +24,8 @@ from chat.models import (
     RoomBan,
     Worker,
 )
-from tests.conftest import LOBBY_MESSAGES
+from tests.conftest import LOBBY_MESSAGES, assert_error, assert_event, db, post
 from tests.conftest import ROOMS as API_ROOMS
-from tests.conftest import assert_error, assert_event, db, post
 
 ROOMS = "/admin/chat/room/"
 MESSAGES = "/admin/chat/message/"

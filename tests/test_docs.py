@@ -1,4 +1,4 @@
-"""docs/protocol.md, docs/api.md, the README and ARCHITECTURE.md stay true to the code."""
+"""docs/protocol.md, docs/api.md, README and ARCHITECTURE.md stay true to the code."""
 
 import re
 from pathlib import Path

@@ -10,8 +10,8 @@ import json
 
 import pytest
 from channels.layers import get_channel_layer
-from django.test.utils import CaptureQueriesContext
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from chat import metrics, presence, protocol, services
 from chat.broadcast import broadcast_room_async
@@ -142,7 +142,7 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
             assert 0 < await client.ttl(key) <= layer.group_expiry
     finally:
         await client.aclose()
-    for user, (socket, _) in zip(users, opened):
+    for user, (socket, _) in zip(users, opened, strict=True):
         await send_push_async(
             user.pk, protocol.event_push(event="hello", data=user.username)
         )
@@ -268,7 +268,7 @@ async def test_a_slow_socket_does_not_hold_up_the_others(
     group = protocol.room_group_name("lobby")
     slow_sink = next(sink for sink in hub().sinks.values() if sink.user.pk == alice.pk)
     # Only the slow socket's queue is already full.
-    for n in range(5):
+    for _ in range(5):
         slow_sink.outbox.push(protocol.encode(typing("filler")))
     hub().dispatch(group, _chat_event(typing("everyone")))
     assert await slow.receive_close() == protocol.CLOSE_TOO_SLOW

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
-
-from datetime import timedelta
-
 from django.utils import timezone
 
 from chat import presence

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, get_args, get_type_hints
 
 import pytest
@@ -381,7 +381,7 @@ def test_since_that_is_not_a_plain_ascii_number_is_refused(query):
 
 
 def test_timestamp_is_utc_iso_8601_with_milliseconds_and_z():
-    moment = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    moment = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     assert format_timestamp(moment) == "2024-01-02T03:04:05.678Z"
     assert format_timestamp(moment.replace(microsecond=0)) == "2024-01-02T03:04:05.000Z"
 
@@ -430,7 +430,7 @@ def test_encode_keeps_non_ascii_text_as_is():
 
 
 def test_message_event_has_the_documented_fields():
-    moment = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    moment = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     event = protocol.event_message(
         id=7, seq=3, room="lobby", user="alice", message="hi", ts=moment, client_id=None
     )
@@ -461,7 +461,7 @@ SAMPLE_MESSAGE = protocol.event_message(
     room="lobby",
     user="alice",
     message="hi",
-    ts=datetime(2024, 1, 2, tzinfo=timezone.utc),
+    ts=datetime(2024, 1, 2, tzinfo=UTC),
     client_id=None,
 )
 SAMPLE_EVENTS = [

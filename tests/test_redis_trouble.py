@@ -8,7 +8,7 @@ from django.test import Client as HttpClient
 
 from chat import protocol, tokens, worker
 from chat.models import Connection, Message
-from tests.conftest import RedisServer, assert_event, db, post, redis_layer_config
+from tests.conftest import RedisServer, db, post, redis_layer_config
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 from playwright.sync_api import expect
@@ -175,7 +176,7 @@ def test_typing_frames_keep_to_the_servers_interval(browsing, server):
     sent = page.evaluate("window.__sent")
     times = [at for at, data in sent if '"typing"' in data]
     assert len(times) >= 2, sent
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    gaps = [later - earlier for earlier, later in pairwise(times)]
     # Never sooner than the server's interval, which would drop the frame.
     assert min(gaps) >= TYPING_INTERVAL_SECONDS * 1000, gaps
 

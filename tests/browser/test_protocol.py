@@ -14,8 +14,8 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.browser.conftest import (
     RECONNECT_MS,
-    WAIT_MS,
     SERVER_ENV,
+    WAIT_MS,
     members,
     new_account,
     new_room,
@@ -42,7 +42,8 @@ RECORD_SOCKETS = """(() => {
             if (forced === null) super(url);
             else super(url, protocols);
             window.__sockets.push(this);
-            this.addEventListener("message", (event) => window.__frames.push(event.data));
+            this.addEventListener("message", (event) =>
+                window.__frames.push(event.data));
         }
     };
 })();"""

@@ -14,6 +14,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -307,7 +308,9 @@ async def test_thirty_clients_on_three_workers_each_get_every_message_once(
     for client in group:
         client_id = await client.post(f"{client.username} in turn")
         await eventually(
-            lambda: client.acked(client_id), what="the post was echoed", cluster=cluster
+            partial(client.acked, client_id),
+            what="the post was echoed",
+            cluster=cluster,
         )
     await wait_all_have(cluster, group, 90)
     for client in group:
@@ -591,7 +594,7 @@ async def test_two_redis_servers_shard_rooms_and_fan_out_reaches_every_worker(cl
             assert_undisturbed(group)
 
         # Each room's group lives on the server its name hashes to.
-        for index, (server, room) in enumerate(zip(sharded.redis, rooms)):
+        for index, (server, room) in enumerate(zip(sharded.redis, rooms, strict=True)):
             client = redis.Redis.from_url(server.url)
             try:
                 assert client.exists(f"asgi:group:room.{room}")

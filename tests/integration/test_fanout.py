@@ -518,17 +518,19 @@ async def test_a_room_filling_up_costs_far_less_than_a_frame_per_join_per_socket
         except TimeoutError:
             wrong = {
                 n: sorted(everyone ^ (c.view or set()))
-                for n, c in zip(users, clients)
+                for n, c in zip(users, clients, strict=True)
                 if c.view != everyone
             }
-            raise AssertionError(f"views that are not the room, off by: {wrong}")
+            raise AssertionError(
+                f"views that are not the room, off by: {wrong}"
+            ) from None
         # A diff still under way (the last interval) must not spoil them.
         await asyncio.sleep(FILL_INTERVAL_MS / 1000 + 0.5)
         ended = time.monotonic()
 
         quadratic = FILL_USERS * (FILL_USERS - 1) // 2
         frames = [len(client.raw) for client in clients]
-        for name, client, since in zip(users, clients, opened):
+        for name, client, since in zip(users, clients, opened, strict=True):
             assert client.view == everyone, name
             # A welcome, then presence diffs only (nobody posted).
             assert [event["type"] for event in client.frames] == ["welcome"], name

@@ -50,7 +50,7 @@ class Command(BaseCommand):
                 author_name=options["author"],
             )
         except ValidationError as error:
-            raise CommandError("; ".join(error.messages))
+            raise CommandError("; ".join(error.messages)) from None
         scopes = [
             scope
             for scope, allowed in (
