@@ -24,7 +24,8 @@ from chat.routing import websocket_urlpatterns  # noqa: E402
 # unsent bytes: daphne has no write backpressure of its own.
 transport.install()
 
-# In DEBUG a bare `daphne` serves /static/ itself; in production nginx does.
+# In DEBUG a bare `daphne` serves the apps' /static/ folders itself; otherwise
+# WhiteNoise (a middleware) serves the collected files, and nginx may too.
 http_app = (
     ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
 )
