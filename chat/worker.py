@@ -212,6 +212,16 @@ def ensure_heartbeat() -> None:
         _heartbeat_task = loop.create_task(_worker_loop(), name="chat-worker-lease")
 
 
+async def stop_worker_loop() -> None:
+    """Stops this process's lease loop (a test's event loop ends with its test)."""
+    global _heartbeat_task
+    task, _heartbeat_task = _heartbeat_task, None
+    running = asyncio.get_running_loop()
+    if task is not None and not task.done() and task.get_loop() is running:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _worker_loop() -> None:
     watch = LayerWatch()
     while True:

@@ -281,6 +281,14 @@ async def connect(channel_layer) -> AsyncIterator:
     yield connect_as
     for client in clients:
         await client.close()
+    # Nothing may still use the database when the test's database is flushed
+    # (on PostgreSQL a TRUNCATE then deadlocks with it): no presence diff
+    # left to send, no lease loop, and the database thread idle.
+    from chat import presence, worker
+
+    presence.diffs.reset()
+    await worker.stop_worker_loop()
+    await database_sync_to_async(lambda: None)()
 
 
 def assert_event(frame: dict[str, Any], type: str, **fields: Any) -> None:
