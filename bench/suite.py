@@ -30,6 +30,7 @@ from typing import Any
 
 from bench import accounts, procs
 from bench.loadgen import ClientPool
+from harness import wire
 
 SERVERS = ("ours", "baseline")
 WORKLOADS = ("a", "b", "c", "d", "e", "f", "g", "sweep")
@@ -144,7 +145,9 @@ def run_plan(ctx: Context, server: str, workers: int, plan: Plan, title: str) ->
                 {
                     "id": index,
                     "room": room_names[spec["room"]],
-                    "url": f"ws://{procs.LOOPBACK}:{port}/ws/chat/{room_names[spec['room']]}/",
+                    "url": wire.socket_url(
+                        f"http://{procs.LOOPBACK}:{port}", room_names[spec["room"]]
+                    ),
                     "origin": f"http://{procs.LOOPBACK}:{port}",
                     "cookie": ctx.sessions[spec["user"] % len(ctx.sessions)],
                     "rcvbuf": spec.get("rcvbuf", 0),

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from harness.client import ChatSocket
+from harness.processes import manage
 from tests.conftest import assert_event
 from tests.integration.conftest import (
     HTTP_TIMEOUT,
@@ -37,16 +37,10 @@ README = (REPO_ROOT / "README.md").read_text()
 
 def create_token(server: DaphneServer, owner: str, *flags: str) -> str:
     """Runs manage.py create_api_token against the server's database."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "create_api_token", "--owner", owner,
-         "--name", "integration", *flags],
-        cwd=REPO_ROOT,
-        env=server.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = manage(
+        "create_api_token", "--owner", owner, "--name", "integration", *flags,
+        env=server.env, timeout=60,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 

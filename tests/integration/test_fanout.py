@@ -14,8 +14,6 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -26,10 +24,10 @@ import pytest
 import redis
 
 from harness.client import RECEIVE_TIMEOUT, ChatSocket
+from harness.processes import manage
 from tests.integration.conftest import (
     HTTP_TIMEOUT,
     PLAIN_DAPHNE_COMMAND,
-    REPO_ROOT,
     SETUP_SCRIPT,
     WORKER_COMMAND,
     DaphneServer,
@@ -74,15 +72,7 @@ def template_db(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat-template") / "db.sqlite3"
     settings_of = DaphneServer(db_path=path)  # only for its environment
     shutil.rmtree(settings_of.workdir, ignore_errors=True)
-    result = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
-        cwd=REPO_ROOT,
-        env=settings_of.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    manage("migrate", "--noinput", "-v0", env=settings_of.env)
     return path
 
 
@@ -115,16 +105,7 @@ def make_users(
         "rooms": list(rooms),
         "users": sorted(unique_name(f"u{n:02d}") for n in range(count)),
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", SETUP_SCRIPT],
-        cwd=REPO_ROOT,
-        env=server.env,
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = manage("shell", "-c", SETUP_SCRIPT, env=server.env, input=json.dumps(spec))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
