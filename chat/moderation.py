@@ -142,17 +142,6 @@ def user_kick(
     logger.info("user %s kicked from %s by %s", user.pk, room.slug, actor)
 
 
-def _bans_in_force():
-    return RoomBan.objects.filter(
-        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())
-    )
-
-
-def ban_active(*, room: Room, user: AbstractBaseUser) -> RoomBan | None:
-    """Returns the ban keeping `user` out of `room` now, if any."""
-    return _bans_in_force().filter(room=room, user=user).order_by("-created_at").first()
-
-
 def banned_pairs(
     pairs: Iterable[tuple[Room, AbstractBaseUser]],
 ) -> set[tuple[int, int]]:
@@ -160,7 +149,8 @@ def banned_pairs(
     pairs = {(room.pk, user.pk) for room, user in pairs}
     if not pairs:
         return set()
-    found = _bans_in_force().filter(
+    found = RoomBan.objects.filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()),
         room__in={room_id for room_id, _ in pairs},
         user__in={user_id for _, user_id in pairs},
     )

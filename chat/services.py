@@ -269,24 +269,6 @@ class SocketRequest:
     since: int | None = None
 
 
-def socket_open(
-    *,
-    slug: str,
-    user: AbstractBaseUser,
-    channel_name: str,
-    address: str,
-    since: int | None,
-) -> tuple[Room, dict[str, Any]]:
-    """Checks and records a new socket; returns its room and its `welcome` event.
-
-    Raises SocketRefused. The form of `sockets_open` for one socket.
-    """
-    (result,) = sockets_open([SocketRequest(slug, user, channel_name, address, since)])
-    if isinstance(result, SocketRefused):
-        raise result
-    return result
-
-
 def sockets_open(
     requests: list[SocketRequest],
 ) -> list[tuple[Room, dict[str, Any]] | SocketRefused]:

@@ -286,19 +286,17 @@ def _slow_closes(reason: str) -> float:
 # ---------------------------------------------------------------------------
 
 
-def test_a_handshake_is_one_database_call_of_a_fixed_number_of_queries(
+def test_a_socket_is_checked_and_recorded_in_a_fixed_number_of_queries(
     room, alice, bob, monkeypatch
 ):
     noted: list[tuple[str, str]] = []
     monkeypatch.setattr(
         presence.diffs, "note", lambda slug, user: noted.append((slug, user))
     )
-    services.socket_open(
-        slug="lobby", user=bob, channel_name="b1", address="127.0.0.1", since=None
-    )
+    services.sockets_open([services.SocketRequest("lobby", bob, "b1", "127.0.0.1")])
     with CaptureQueriesContext(connection) as queries:
-        opened_room, welcome = services.socket_open(
-            slug="lobby", user=alice, channel_name="a1", address="127.0.0.1", since=None
+        ((opened_room, welcome),) = services.sockets_open(
+            [services.SocketRequest("lobby", alice, "a1", "127.0.0.1")]
         )
     assert opened_room == room and welcome["members"] == ["alice", "bob"]
     assert noted == [("lobby", "bob"), ("lobby", "alice")]
