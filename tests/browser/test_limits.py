@@ -25,7 +25,7 @@ from tests.browser.conftest import (
     wait_connected,
     wait_for_texts,
 )
-from tests.browser.test_protocol import SOCKETS, Relay
+from tests.browser.test_protocol import Relay, open_relayed_room
 
 # Far below the defaults (50, 200, 500, 2 s, 2000): a page with the defaults
 # copied into it asks for more than this server answers.
@@ -110,13 +110,7 @@ def test_the_room_page_carries_the_servers_limits(browsing, server):
 def test_a_gap_longer_than_the_history_limit_is_filled_in_requests_within_it(
     browsing, server
 ):
-    alice = new_account(server.base_url, "alice")
-    bob = new_account(server.base_url, "bob")
-    room = new_room(server, alice)
-    relay = Relay()
-    context = browsing.context(server, alice)
-    context.route_web_socket(SOCKETS, relay)
-    page = open_room(browsing, server, alice, room, context=context)
+    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
     post_messages(server, bob, room, ["first"])
     wait_for_texts(page, ["first"])
 
@@ -136,13 +130,7 @@ def test_a_gap_longer_than_the_history_limit_is_filled_in_requests_within_it(
 def test_a_resume_that_missed_too_much_fills_the_rest_within_the_limit(
     browsing, server
 ):
-    alice = new_account(server.base_url, "alice")
-    bob = new_account(server.base_url, "bob")
-    room = new_room(server, alice)
-    relay = Relay()
-    context = browsing.context(server, alice)
-    context.route_web_socket(SOCKETS, relay)
-    page = open_room(browsing, server, alice, room, context=context)
+    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
     post_messages(server, bob, room, ["first"])
     wait_for_texts(page, ["first"])
 

@@ -8,8 +8,9 @@ import re
 import threading
 import time
 from contextlib import ExitStack
+from typing import NamedTuple
 
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
 from websockets.sync.client import connect as ws_connect
 
 from tests.browser.conftest import (
@@ -27,6 +28,7 @@ from tests.browser.conftest import (
     wait_connected,
     wait_for_texts,
 )
+from tests.integration.conftest import Account
 
 SOCKETS = re.compile(r"/ws/chat/")
 
@@ -148,6 +150,22 @@ class Relay:
             return [frame for frame in self.sent if frame.get("type") == "history"]
 
 
+class RelayedRoom(NamedTuple):
+    page: Page
+    context: BrowserContext
+    relay: Relay
+    alice: Account
+    bob: Account
+    room: str
+
+
+def open_relayed_room(browsing, server) -> RelayedRoom:
+    """Alice's page in a new room of hers, its sockets through a Relay; Bob
+    may post there."""
+    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
+    return RelayedRoom(page, context, relay, alice, bob, room)
+
+
 # ---------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------
@@ -218,12 +236,7 @@ def test_the_page_still_reads_one_event_per_frame(browsing, server):
 
 
 def test_presence_diffs_are_idempotent_and_many_names_make_one_notice(browsing, server):
-    alice = new_account(server.base_url, "alice")
-    room = new_room(server, alice)
-    relay = Relay()
-    context = browsing.context(server, alice)
-    context.route_web_socket(SOCKETS, relay)
-    page = open_room(browsing, server, alice, room, context=context)
+    page, context, relay, alice, _, room = open_relayed_room(browsing, server)
     expect(page.locator("#member-count")).to_have_text("1")
     # The page's own join (every socket gets it) says nothing.
     wait_relayed(
@@ -336,13 +349,7 @@ def test_a_join_while_the_list_is_partial_is_counted_and_shown_once(
 
 
 def test_a_too_slow_close_reconnects_and_resumes(browsing, server):
-    alice = new_account(server.base_url, "alice")
-    bob = new_account(server.base_url, "bob")
-    room = new_room(server, alice)
-    relay = Relay()
-    context = browsing.context(server, alice)
-    context.route_web_socket(SOCKETS, relay)
-    page = open_room(browsing, server, alice, room, context=context)
+    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
     post_messages(server, bob, room, ["before"])
     wait_for_texts(page, ["before"])
 
@@ -410,13 +417,7 @@ def test_load_older_works_after_going_offline_with_a_page_in_flight(browsing, se
 def test_gaps_are_filled_after_going_offline_with_a_gap_request_in_flight(
     browsing, server
 ):
-    alice = new_account(server.base_url, "alice")
-    bob = new_account(server.base_url, "bob")
-    room = new_room(server, alice)
-    relay = Relay()
-    context = browsing.context(server, alice)
-    context.route_web_socket(SOCKETS, relay)
-    page = open_room(browsing, server, alice, room, context=context)
+    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
     post_messages(server, bob, room, ["first"])
     wait_for_texts(page, ["first"])
 
