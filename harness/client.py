@@ -88,52 +88,27 @@ class _deadline:
 # ---------------------------------------------------------------------------
 
 
-class ChatSocket:
-    """A websockets client connection with JSON helpers; every wait is bounded.
+class EventReader:
+    """The frames of one socket, read one by one; every wait is bounded.
 
-    Like the unit tests' `Client` (tests/conftest.py): presence diffs come on
-    their own schedule, so `receive` passes over them (they are kept for
-    `receive_presence`), and a `chat.batch` frame (a JSON array) is taken apart
-    into its events. `raw` keeps the text of every frame, to check the framing;
-    `view` is the member list as this client sees it (welcome, then diffs).
+    Presence diffs come on their own schedule, so `receive` passes over them
+    (they are kept for `receive_presence`), and a `chat.batch` frame (a JSON
+    array) is taken apart into its events. `raw` keeps the text of every
+    frame, to check the framing; `view` is the member list as this client
+    sees it (welcome, then diffs). A subclass says how a frame is read
+    (`_recv`): over the network (ChatSocket) or from an ASGI test
+    communicator (the unit tests' Client).
     """
 
-    def __init__(self, connection: ClientConnection) -> None:
-        self.connection = connection
+    def __init__(self) -> None:
         self.frames: deque[dict[str, Any]] = deque()
         self.presence: deque[dict[str, Any]] = deque()
         self.raw: list[str] = []
         self.view: set[str] | None = None
 
-    @classmethod
-    async def open(cls, base_url: str, room: str, **options: Any) -> ChatSocket:
-        """Returns a socket of `room` (options as open_connection's)."""
-        return cls(await open_connection(base_url, room, **options))
-
-    @property
-    def subprotocol(self) -> str | None:
-        return self.connection.subprotocol
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.connection.send(json.dumps(frame))
-
-    async def send_text(self, text: str) -> None:
-        await self.connection.send(text)
-
-    async def post(
-        self,
-        text: str,
-        *,
-        client_id: str | None = None,
-        timeout: float = RECEIVE_TIMEOUT,
-    ) -> dict[str, Any]:
-        """Posts a message; returns the next frame but presence diffs and typing
-        indicators: the room's copy of the post, unless something came first."""
-        await self.send(message_frame(text, client_id))
-        frame = await self.receive(timeout)
-        while frame["type"] == "typing":
-            frame = await self.receive(timeout)
-        return frame
+    async def _recv(self, timeout: float) -> str:
+        """Returns the next frame's text; raises TimeoutError after `timeout`."""
+        raise NotImplementedError
 
     def take(self, text: str) -> None:
         """Keeps the events of one frame: diffs in `presence`, others in `frames`."""
@@ -147,8 +122,7 @@ class ChatSocket:
 
     async def _read(self, timeout: float) -> None:
         try:
-            async with asyncio.timeout(timeout):
-                text = await self.connection.recv()
+            text = await self._recv(timeout)
         except TimeoutError:
             raise AssertionError(
                 f"no frame from the server within {timeout} s"
@@ -203,6 +177,48 @@ class ChatSocket:
                 if not want_joins and not want_leaves:
                     return diff
 
+
+class ChatSocket(EventReader):
+    """A websockets client connection with JSON helpers (EventReader's reads)."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        super().__init__()
+        self.connection = connection
+
+    @classmethod
+    async def open(cls, base_url: str, room: str, **options: Any) -> ChatSocket:
+        """Returns a socket of `room` (options as open_connection's)."""
+        return cls(await open_connection(base_url, room, **options))
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.connection.subprotocol
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.connection.send(json.dumps(frame))
+
+    async def send_text(self, text: str) -> None:
+        await self.connection.send(text)
+
+    async def post(
+        self,
+        text: str,
+        *,
+        client_id: str | None = None,
+        timeout: float = RECEIVE_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Posts a message; returns the next frame but presence diffs and typing
+        indicators: the room's copy of the post, unless something came first."""
+        await self.send(message_frame(text, client_id))
+        frame = await self.receive(timeout)
+        while frame["type"] == "typing":
+            frame = await self.receive(timeout)
+        return frame
+
+    async def _recv(self, timeout: float) -> str:
+        async with asyncio.timeout(timeout):
+            return await self.connection.recv()
+
     async def wait_view(
         self, members: set[str], timeout: float = RECEIVE_TIMEOUT
     ) -> None:
@@ -210,7 +226,7 @@ class ChatSocket:
         try:
             async with asyncio.timeout(timeout):
                 while self.view != members:
-                    self.take(await self.connection.recv())
+                    self.take(await self._recv(timeout))
         except TimeoutError:
             raise AssertionError(
                 f"the member list seen is {sorted(self.view or ())}, not "
@@ -222,7 +238,7 @@ class ChatSocket:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    self.take(await self.connection.recv())
+                    self.take(await self._recv(timeout))
         except TimeoutError:
             pass
 
@@ -246,7 +262,7 @@ class ChatSocket:
         async with asyncio.timeout(timeout):
             try:
                 while True:
-                    self.take(await self.connection.recv())
+                    self.take(await self._recv(timeout))
             except ConnectionClosed as closed:
                 frames, self.frames = list(self.frames), deque()
                 return (closed.rcvd.code if closed.rcvd else None), frames

@@ -5,7 +5,6 @@ and the HTTP API's test client, whose every answer is checked against the spec.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from referencing.jsonschema import DRAFT202012
 
 from chat import tokens
 from chat.models import Room
+from harness.client import EventReader
 from harness.processes import RedisServer, free_port  # noqa: F401 (tests import them)
 
 RECEIVE_TIMEOUT = 3
@@ -152,21 +152,15 @@ def room(db) -> Room:
 ORIGIN = (b"origin", b"http://127.0.0.1")
 
 
-class Client:
-    """A WebsocketCommunicator connected as one user, with JSON helpers.
-
-    Presence diffs come on their own schedule, so `receive` passes over them
-    (they are kept for `receive_presence`) and tests of other frames need not
-    know when a diff falls between them.
-    """
+class Client(EventReader):
+    """A WebsocketCommunicator connected as one user, read as EventReader reads
+    (presence diffs kept apart, so tests of other frames need not know when a
+    diff falls between them)."""
 
     def __init__(self, communicator: WebsocketCommunicator) -> None:
+        super().__init__()
         self.communicator = communicator
         self.closed = False
-        self.frames: deque[dict[str, Any]] = deque()
-        self.presence: deque[dict[str, Any]] = deque()
-        # Raw text of every frame, to check the framing (batches).
-        self.raw: list[str] = []
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.communicator.send_json_to(frame)
@@ -174,44 +168,8 @@ class Client:
     async def send_text(self, text: str) -> None:
         await self.communicator.send_to(text_data=text)
 
-    async def _read(self, timeout: float) -> None:
-        text = await self.communicator.receive_from(timeout=timeout)
-        self.raw.append(text)
-        decoded = json.loads(text)
-        for event in decoded if isinstance(decoded, list) else [decoded]:
-            (self.presence if event.get("type") == "presence" else self.frames).append(
-                event
-            )
-
-    async def receive(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
-        """Returns the next frame that is not a presence diff."""
-        while not self.frames:
-            await self._read(timeout)
-        return self.frames.popleft()
-
-    async def receive_type(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
-        """Returns the next frame, which must be of type `kind`."""
-        frame = await self.receive(timeout)
-        assert frame["type"] == kind, frame
-        return frame
-
-    async def receive_presence(self, timeout: float = RECEIVE_TIMEOUT) -> dict:
-        """Returns the next presence diff."""
-        while not self.presence:
-            await self._read(timeout)
-        return self.presence.popleft()
-
-    async def wait_presence(
-        self, *, joins: tuple[str, ...] = (), leaves: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        """Reads diffs until every user of `joins` joined and of `leaves` left."""
-        want_joins, want_leaves = set(joins), set(leaves)
-        while True:
-            diff = await self.receive_presence()
-            want_joins -= set(diff["joins"])
-            want_leaves -= set(diff["leaves"])
-            if not want_joins and not want_leaves:
-                return diff
+    async def _recv(self, timeout: float) -> str:
+        return await self.communicator.receive_from(timeout=timeout)
 
     async def receive_nothing(self, timeout: float = 0.3) -> bool:
         """True when no frame but presence diffs arrives within `timeout`."""
