@@ -162,7 +162,13 @@ class RelayedRoom(NamedTuple):
 def open_relayed_room(browsing, server) -> RelayedRoom:
     """Alice's page in a new room of hers, its sockets through a Relay; Bob
     may post there."""
-    page, context, relay, alice, bob, room = open_relayed_room(browsing, server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    room = new_room(server, alice)
+    relay = Relay()
+    context = browsing.context(server, alice)
+    context.route_web_socket(SOCKETS, relay)
+    page = open_room(browsing, server, alice, room, context=context)
     return RelayedRoom(page, context, relay, alice, bob, room)
 
 
