@@ -1,16 +1,18 @@
 """A client of the chat's WebSocket protocol on the `websockets` asyncio client:
-`ChatSocket`, one socket read frame by frame with every wait bounded, and
-`ChatPage`, which behaves like the page (reconnects, resumes, resends).
+`ChatSocket`, one socket read frame by frame with every wait bounded,
+`ChatPage`, which behaves like the page (reconnects, resumes, resends), and
+`SocketThread`, which runs them for callers that block (the browser tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -24,6 +26,8 @@ from harness.wire import (
     socket_url,
     view_after,
 )
+
+T = TypeVar("T")
 
 # Generous: a real process and maybe a real Redis sit between send and receive.
 RECEIVE_TIMEOUT = 5
@@ -214,6 +218,22 @@ class ChatSocket(EventReader):
         while frame["type"] == "typing":
             frame = await self.receive(timeout)
         return frame
+
+    async def post_burst(
+        self, texts: Sequence[str], timeout: float = RECEIVE_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Sends every post before reading any answer; returns the room's copies
+        in the order sent. An error frame in between fails the call."""
+        client_ids = [str(uuid.uuid4()) for _ in texts]
+        for text, client_id in zip(texts, client_ids, strict=True):
+            await self.send(message_frame(text, client_id))
+        stored: dict[str, dict[str, Any]] = {}
+        while len(stored) < len(client_ids):
+            frame = await self.receive(timeout)
+            assert frame["type"] != "error", frame
+            if frame["type"] == "message" and frame.get("client_id") in client_ids:
+                stored[frame["client_id"]] = frame
+        return [stored[client_id] for client_id in client_ids]
 
     async def _recv(self, timeout: float) -> str:
         async with asyncio.timeout(timeout):
@@ -448,3 +468,36 @@ class ChatPage:
                     await self.task
             except TimeoutError:
                 self.task.cancel()
+
+
+# ---------------------------------------------------------------------------
+# For callers that block
+# ---------------------------------------------------------------------------
+
+
+class SocketThread:
+    """An event loop on a thread of its own that runs this module's clients for
+    code that cannot await (Playwright's sync API owns the browser tests' loop).
+
+    Sockets opened here stay served (pings answered, frames read) between
+    calls, while the caller blocks on something else.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="chat-sockets", daemon=True
+        )
+        self._thread.start()
+
+    def run(
+        self, coroutine: Coroutine[Any, Any, T], timeout: float = 4 * RECEIVE_TIMEOUT
+    ) -> T:
+        """Runs `coroutine` on the thread's loop; returns its result or raises
+        its error (AssertionError as such), waiting at most `timeout`."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=RECEIVE_TIMEOUT)
+        self._loop.close()

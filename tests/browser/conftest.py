@@ -8,20 +8,21 @@ the browser console and the servers' logs.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
-from websockets.sync.client import connect as ws_connect
 
+from harness.client import ChatSocket, SocketThread
 from tests.integration.conftest import (  # noqa: F401 (daphne_factory: a fixture)
     REPO_ROOT,
     Account,
@@ -259,24 +260,68 @@ def new_room(server: DaphneServer, owner: Account, prefix: str = "room") -> str:
     return name
 
 
+@functools.cache
+def socket_thread() -> SocketThread:
+    """The loop that serves the plain sockets these tests open beside the page."""
+    return SocketThread()
+
+
+def pytest_sessionfinish(session) -> None:
+    if socket_thread.cache_info().currsize:
+        socket_thread().close()
+
+
 def post_messages(
     server: DaphneServer, account: Account, room: str, messages: list[str]
 ) -> list[dict[str, Any]]:
-    """Posts `messages` over a plain WebSocket; returns their stored copies."""
-    headers = {"Origin": server.base_url, "Cookie": f"sessionid={account.sessionid}"}
-    url = f"{server.ws_url}/ws/chat/{room}/"
-    stored: list[dict[str, Any]] = []
-    with ws_connect(url, additional_headers=headers, proxy=None, open_timeout=5) as ws:
-        welcome = json.loads(ws.recv(timeout=5))
-        assert welcome["type"] == "welcome", welcome
-        for text in messages:
-            ws.send(json.dumps({"type": "message", "message": text}))
-        while len(stored) < len(messages):
-            frame = json.loads(ws.recv(timeout=5))
-            if frame["type"] == "message" and frame["user"] == account.username:
-                stored.append(frame)
-            assert frame["type"] != "error", frame
-    return stored
+    """Posts `messages` in one burst over a plain socket; returns their stored
+    copies, in order."""
+
+    async def post() -> list[dict[str, Any]]:
+        socket = await ChatSocket.open(
+            server.base_url, room, sessionid=account.sessionid
+        )
+        try:
+            await socket.receive_type("welcome")
+            return await socket.post_burst(messages)
+        finally:
+            await socket.close()
+
+    return socket_thread().run(post())
+
+
+def hold_sockets(
+    stack: ExitStack, server: DaphneServer, accounts: list[Account], room: str
+) -> dict[str, ChatSocket]:
+    """Opens one plain socket per account in `room`, closed when `stack` is;
+    returns them by username once every socket's join is known to the room."""
+    thread = socket_thread()
+
+    async def hold() -> dict[str, ChatSocket]:
+        sockets: dict[str, ChatSocket] = {}
+        for account in accounts:
+            socket = await ChatSocket.open(
+                server.base_url, room, sessionid=account.sessionid
+            )
+            stack.callback(close_socket, socket)
+            await socket.receive_type("welcome")
+            sockets[account.username] = socket
+        if accounts:
+            # The last one's own join comes in a presence diff (to every
+            # socket, its own too) that also carries every join before it:
+            # once it is here, no diff about these sockets can reach a page
+            # opened later.
+            last = accounts[-1].username
+            while last not in (await socket.receive_presence())["joins"]:
+                pass
+        return sockets
+
+    return thread.run(hold())
+
+
+def close_socket(socket: ChatSocket) -> None:
+    """Closes a socket that `hold_sockets` opened (before its stack does)."""
+    socket_thread().run(socket.close())
 
 
 def query_db(server: DaphneServer, sql: str, *params: Any) -> list[tuple]:

@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from contextlib import ExitStack
 from typing import NamedTuple
 
 from playwright.sync_api import BrowserContext, Page, expect
-from websockets.sync.client import connect as ws_connect
 
 from tests.browser.conftest import (
     RECONNECT_MS,
     SERVER_ENV,
     WAIT_MS,
+    close_socket,
+    hold_sockets,
     members,
     new_account,
     new_room,
@@ -62,38 +62,6 @@ def wait_relayed(page, predicate, what: str) -> None:
             return
         page.wait_for_timeout(50)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def hold_sockets(stack: ExitStack, server, accounts, room: str) -> dict:
-    """Opens one plain socket per account in `room`; returns them by username."""
-    sockets = {}
-    for account in accounts:
-        headers = {
-            "Origin": server.base_url,
-            "Cookie": f"sessionid={account.sessionid}",
-        }
-        ws = stack.enter_context(
-            ws_connect(
-                f"{server.ws_url}/ws/chat/{room}/",
-                additional_headers=headers,
-                proxy=None,
-                open_timeout=5,
-            )
-        )
-        assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
-        sockets[account.username] = ws
-    if accounts:
-        # The last one's own join comes in a presence diff (to every socket,
-        # its own too) that also carries every join before it: once it is
-        # here, no diff about these sockets can reach a page opened later.
-        last = accounts[-1].username
-        deadline = time.monotonic() + 5
-        while True:
-            frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            events = frame if isinstance(frame, list) else [frame]
-            if any(e.get("type") == "presence" and last in e["joins"] for e in events):
-                break
-    return sockets
 
 
 class Relay:
@@ -315,7 +283,7 @@ def test_a_paged_member_list_shows_the_count_and_loads_the_rest(
 
         # The list stays live once complete.
         last = everyone[-1]
-        sockets[last].close()
+        close_socket(sockets[last])
         expect(page.locator("#member-count")).to_have_text("4")
         expect(page.locator("#messages li.notice").last).to_have_text(f"{last} left")
         assert members(page) == everyone[:-1]
