@@ -247,14 +247,13 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT") or BASE_DIR / "staticfiles")
 # collectstatic writes each file also under a name with its content's hash
-# (and compressed copies); with DEBUG off pages link those names, which
+# (and compressed copies), imports between JavaScript modules rewritten to
+# those names; with DEBUG off pages link them, which
 # WhiteNoise sends with a ten-year immutable Cache-Control. Pages then need its
 # manifest: run `manage.py collectstatic` before a worker with DEBUG off starts.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {
-        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
-    },
+    "staticfiles": {"BACKEND": "chatproject.storage.StaticFilesStorage"},
 }
 
 # ---------------------------------------------------------------------------

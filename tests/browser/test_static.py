@@ -51,6 +51,15 @@ def test_a_worker_with_debug_off_serves_the_pages_css_and_javascript(
         assert HASHED.match(path), f"{path} has no content hash in its name"
         cache = static[path].headers.get("cache-control", "")
         assert max_age(cache) >= YEAR and "immutable" in cache, f"{path}: {cache}"
+    # So does every module the page's script imports, itself and through
+    # others: a new release cannot mix with a cached old module.
+    modules = [path for path in static if path.endswith(".js") and path != script]
+    assert modules, "the page's script imported no module"
+    unhashed = [path for path in modules if not HASHED.match(path)]
+    assert not unhashed, f"imported by their plain names: {unhashed}"
+    for path in modules:
+        cache = static[path].headers.get("cache-control", "")
+        assert max_age(cache) >= YEAR and "immutable" in cache, f"{path}: {cache}"
 
     # The stylesheet applied: its rules are there, and body has chat.css's
     # margin, not the browser's 8px.
