@@ -296,7 +296,9 @@ def connection_close(*, channel_name: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def room_presence_diff(*, slug: str, usernames: set[str]) -> dict | None:
+def room_presence_diff(
+    *, slug: str, usernames: set[str]
+) -> protocol.PresenceEvent | None:
     """Returns the `presence` event for users whose presence in a room changed.
 
     Each user is reported as they are now (joined if online, else left), so

@@ -76,7 +76,7 @@ def room_list() -> list[RoomSummary]:
 # ---------------------------------------------------------------------------
 
 
-def message_event(message: Message, *, room_slug: str) -> dict[str, Any]:
+def message_event(message: Message, *, room_slug: str) -> protocol.MessageEvent:
     """Returns the `message` event of a stored message."""
     return protocol.event_message(
         id=message.id,
@@ -142,7 +142,7 @@ def message_post(
 
 @dataclass(frozen=True)
 class MessagePage:
-    events: list[dict[str, Any]]
+    events: list[protocol.MessageEvent]
     # True when older messages exist before the first one in `events`.
     has_more: bool
 
@@ -152,7 +152,7 @@ def visible_messages(room: Room):
     return Message.objects.filter(room=room, deleted_at__isnull=True)
 
 
-def _page(room: Room, messages: list[Message]) -> list[dict[str, Any]]:
+def _page(room: Room, messages: list[Message]) -> list[protocol.MessageEvent]:
     return [message_event(message, room_slug=room.slug) for message in messages]
 
 
@@ -170,7 +170,7 @@ def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
 
 def room_messages_after(
     *, room: Room, since: int, limit: int
-) -> tuple[list[dict[str, Any]], bool]:
+) -> tuple[list[protocol.MessageEvent], bool]:
     """Returns up to `limit` messages with seq above `since`, oldest first.
 
     Also returns whether more follow them: a poller then asks again at once
@@ -204,7 +204,7 @@ def room_welcome(
     resume_max: int,
     members_page: int | None = None,
     shared: dict | None = None,
-) -> dict[str, Any]:
+) -> protocol.WelcomeEvent:
     """Returns the `welcome` event: members and the backlog (or what was missed).
 
     The member list is the first `members_page` of them (default
@@ -242,7 +242,7 @@ def room_welcome(
     )
 
 
-def room_members_page(*, room: Room, after: str | None) -> dict[str, Any]:
+def room_members_page(*, room: Room, after: str | None) -> protocol.MembersEvent:
     """Returns the `members` event: the page of members after `after`."""
     members, more = presence.room_members(
         room=room, after=after, limit=settings.CHAT_MEMBERS_PAGE
@@ -271,7 +271,7 @@ class SocketRequest:
 
 def sockets_open(
     requests: list[SocketRequest],
-) -> list[tuple[Room, dict[str, Any]] | SocketRefused]:
+) -> list[tuple[Room, protocol.WelcomeEvent] | SocketRefused]:
     """Checks and records sockets that open together; returns, for each, its
     room and `welcome` event, or the SocketRefused that says why not.
 
@@ -287,7 +287,7 @@ def sockets_open(
     banned = moderation.banned_pairs(
         (rooms[r.slug], r.user) for r in requests if r.slug in rooms
     )
-    results: list[tuple[Room, dict[str, Any]] | SocketRefused] = []
+    results: list[tuple[Room, protocol.WelcomeEvent] | SocketRefused] = []
     admitted: list[tuple[int, SocketRequest, Room]] = []
     for request in requests:
         room = rooms.get(request.slug)
