@@ -1,11 +1,15 @@
-"""The bounded outgoing queue of one socket, and the task that writes it.
+"""The bounded outgoing queue of one socket, and what writes it.
 
-Broadcasts are appended without waiting; one writer task per socket sends what
-is queued (as one frame for a client that asked for batches), so a slow reader
-never slows the room. A socket that falls too far behind (too many frames or
-bytes queued) or whose transport has not drained for a set time is closed with
-4008: it reconnects and resumes with ?since, so it loses nothing it cannot get
-back. The gorilla chat hub's writePump and its `send` channel are the model.
+Broadcasts are appended without waiting and written in rounds (as one frame
+for a client that asked for batches), so a slow reader never slows the room.
+On daphne a send never waits (daphne#170), so one round writes every due
+socket in turn, in one task: an idle socket holds no task of its own. A socket
+whose transport holds too much unsent, or a server whose send can wait
+(uvicorn), gets a writer task of its own until its queue is empty. A socket
+that falls too far behind (too many frames or bytes queued) or whose
+transport has not drained for a set time is closed with 4008: it reconnects
+and resumes with ?since, so it loses nothing it cannot get back. The gorilla
+chat hub's writePump and its `send` channel are the model.
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ class OutboxLimits:
 
 
 class Flusher:
-    """Wakes the writers of a loop's outboxes together, `linger` after the first push.
+    """Writes the due outboxes of a loop together, `linger` after the first push.
 
     One timer for all the sockets of a process rather than one each: every
     event pushed in the meantime, to any socket, leaves with the same write.
-    A quiet worker (its last write round ended a few lingers ago) wakes them
-    at once, so lingering costs latency only while the writes keep it busy.
+    A quiet worker (its last write round ended a few lingers ago) writes at
+    once, so lingering costs latency only while the writes keep it busy.
     """
 
     # A push this many lingers after the last round of writes ended is quiet.
@@ -77,12 +81,13 @@ class Flusher:
         due, self._due, self._handle = self._due, [], None
         for outbox in due:
             outbox._due = False
-            outbox._wake.set()
-        # Runs after the woken writers (callbacks run in order), whose sends on
-        # daphne complete without waiting: that is when the round of writes ends.
-        self._loop.call_soon(self._round_done)
+        task = self._loop.create_task(self._write_round(due), name="chat-write-round")
+        task.add_done_callback(_log_failure)
 
-    def _round_done(self) -> None:
+    async def _write_round(self, due: list[Outbox]) -> None:
+        for outbox in due:
+            await outbox._write_due()
+        # On daphne the round ran in one go: that is when the writes ended.
         self._last_round_end = self._loop.time()
 
 
@@ -112,9 +117,13 @@ class Outbox:
         self.queued_bytes = 0
         self.peak_frames = 0
         self.closed = False
+        self.started = False
+        # In the flusher's next round.
         self._due = False
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        # In a round's write now (a push then needs no round of its own).
+        self._writing = False
+        # The task of its own while it has one (see _write_due).
+        self._writer: asyncio.Task | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -134,24 +143,32 @@ class Outbox:
         self.queued_bytes += size
         if len(self.queue) > self.peak_frames:
             self.peak_frames = len(self.queue)
-        if self.limits.linger <= 0:
-            self._wake.set()
-        elif not self._due:
-            self._due = True
-            _flusher.add(self, self.limits.linger)
+        self._schedule()
 
     def start(self) -> None:
         """Begins writing (after `welcome`, which must go first)."""
-        if self._task is None and not self.closed:
-            self._task = asyncio.get_running_loop().create_task(self._write())
+        if not self.started and not self.closed:
+            self.started = True
+            if self.queue:
+                self._schedule()
 
     def stop(self) -> None:
         """Drops what is queued and ends the writer."""
         self.closed = True
         self.queue.clear()
         self.queued_bytes = 0
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+
+    def _schedule(self) -> None:
+        if (
+            self.started
+            and not self._due
+            and not self._writing
+            and self._writer is None
+        ):
+            self._due = True
+            _flusher.add(self, self.limits.linger)
 
     def _overflow(self, reason: str) -> None:
         dropped = len(self.queue)
@@ -160,14 +177,38 @@ class Outbox:
         task = asyncio.ensure_future(self._on_overflow(reason, dropped))
         task.add_done_callback(_log_failure)
 
+    async def _write_due(self) -> None:
+        """Writes what is queued, in the flusher's round when that cannot wait."""
+        if self._writing or self._writer is not None:
+            return
+        self._writing = True
+        try:
+            while self.queue and not self.closed:
+                if (
+                    self._backlog is None
+                    or self._backlog() > self.limits.transport_high_water
+                ):
+                    # Its send may wait, or its transport is full: it must not
+                    # hold up the round, so it writes on its own until its
+                    # queue is empty.
+                    self._writer = asyncio.get_running_loop().create_task(self._write())
+                    return
+                await self._send_queued()
+        except Exception:
+            # The socket went away under the round: it ends on its own (its
+            # disconnect); the round goes on with the others.
+            logger.debug("a write failed", exc_info=True)
+        finally:
+            self._writing = False
+
     async def _write(self) -> None:
-        while not self.closed:
-            await self._wake.wait()
-            self._wake.clear()
+        try:
             while self.queue and not self.closed:
                 if not await self._transport_ready():
                     return
                 await self._send_queued()
+        finally:
+            self._writer = None
 
     async def _transport_ready(self) -> bool:
         # daphne has no write backpressure (daphne#170): its send never waits,

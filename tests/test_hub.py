@@ -366,6 +366,46 @@ async def test_an_outbox_waits_for_its_transport_and_then_sends_in_order():
     assert sent == ['["a","b","c"]'] and closed == []
 
 
+async def test_outboxes_on_a_watched_transport_write_in_rounds_without_a_task_each():
+    """On daphne (a transport probe) a send never waits: the flusher's round
+    writes every due socket, so 200 sockets hold no writer task between
+    broadcasts, and each still gets its frames in order."""
+    sent: list[list[str]] = [[] for _ in range(200)]
+    closed: list[tuple[str, int]] = []
+    before = len(asyncio.all_tasks())
+    outboxes = [outbox_for(sent[n], closed, backlog=lambda: 0) for n in range(200)]
+    for outbox in outboxes:
+        outbox.start()
+    assert len(asyncio.all_tasks()) == before
+    for text in ('"a"', '"b"', '"c"'):
+        for outbox in outboxes:
+            outbox.push(text)
+    await until(lambda: all(len(frames) == 3 for frames in sent))
+    assert all(frames == ['"a"', '"b"', '"c"'] for frames in sent) and not closed
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
+
+
+async def test_an_outbox_whose_transport_fills_writes_on_its_own_then_rejoins_rounds():
+    sent: list[str] = []
+    closed: list[tuple[str, int]] = []
+    backlog = [0]
+    outbox = outbox_for(sent, closed, backlog=lambda: backlog[0])
+    outbox.start()
+    outbox.push('"a"')
+    await until(lambda: sent)
+    backlog[0] = 5000
+    outbox.push('"b"')
+    outbox.push('"c"')
+    await asyncio.sleep(0.1)
+    assert sent == ['"a"']
+    backlog[0] = 0
+    await until(lambda: len(sent) == 3)
+    outbox.push('"d"')
+    await until(lambda: len(sent) == 4)
+    assert sent == ['"a"', '"b"', '"c"', '"d"'] and not closed
+
+
 async def test_an_outbox_bounds_its_bytes():
     sent: list[str] = []
     closed: list[tuple[str, int]] = []
