@@ -32,6 +32,9 @@ from harness.processes import RedisServer, free_port  # noqa: F401 (tests import
 
 RECEIVE_TIMEOUT = 3
 
+# A test that hangs ends the run with its id and its pending tasks.
+pytest_plugins = ["tests.hang_watch"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
