@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 GROUP_KEY = "__hub_group__"
 # Seconds to wait before reading the hub's channel again after a layer error.
 RETRY_SECONDS = 0.5
+# Between cancels of a Redis receive that has not ended yet.
+CANCEL_RETRY_SECONDS = 0.05
 
 
 class Sink(Protocol):
@@ -241,6 +243,28 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._joins = Batch(self._group_add_many)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        # A cancel that lands as redis-py's blocking read times out can be
+        # lost on Python 3.11 (the timeout takes it for its own): the read
+        # returns nothing and channels_redis blocks again, with the task
+        # cancelled in name only, and an event loop's shutdown waits for it
+        # for ever. So the receive runs as a task of its own, cancelled until
+        # it ends. A message it gets meanwhile is dropped, as a cancelled
+        # receive's would be.
+        receiving = asyncio.ensure_future(super().receive(channel))
+        try:
+            return await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            while not receiving.done():
+                receiving.cancel()
+                try:
+                    await asyncio.wait({receiving}, timeout=CANCEL_RETRY_SECONDS)
+                except asyncio.CancelledError:
+                    pass  # on the way out already
+            if not receiving.cancelled():
+                receiving.exception()  # retrieved: a lost read's error is moot
+            raise
 
     async def upstream_group_add(self, group: str, channel: str) -> None:
         # Each socket joins its user's group: a storm of handshakes is as many

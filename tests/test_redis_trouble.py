@@ -152,3 +152,30 @@ async def test_push_while_redis_is_down_is_a_503_with_retry_after(
     assert response.status_code == 503
     assert (response.json()["error"], response["Retry-After"]) == ("unavailable", "5")
     private_redis.start()
+
+
+async def test_a_cancelled_receive_ends_even_when_the_cancel_meets_a_read_timeout(
+    redis_server,
+):
+    """redis-py on Python 3.11 can lose a cancel that lands as a blocking read
+    times out; channels_redis then blocks again and an event loop's shutdown
+    waits for the task for ever. Short reads make that moment come often: the
+    stock layer got stuck within a few hundred cancels in every try."""
+    import asyncio
+    import random
+
+    from chat.hub import RedisHubLayer
+
+    layer = RedisHubLayer(hosts=[redis_server.url])
+    layer.brpop_timeout = 0.01
+    channel = await layer.new_channel()
+    try:
+        for attempt in range(500):
+            receiving = asyncio.ensure_future(layer.receive(channel))
+            await asyncio.sleep(random.uniform(0, 2 * layer.brpop_timeout))
+            receiving.cancel()
+            # A bound for a hang, not a timing: an ended receive ends at once.
+            done, _ = await asyncio.wait({receiving}, timeout=5)
+            assert done, f"cancel {attempt} was lost: the receive still reads"
+    finally:
+        await layer.close_pools()
