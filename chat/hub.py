@@ -109,9 +109,15 @@ class Hub:
             return 0
         now = time.monotonic()
         stale = [group for group, at in self.joined.items() if now - at > older_than]
+        channel = await self.channel()
+        # Together, so that the layer sends them in a pipeline or two rather
+        # than one round trip per group.
+        await asyncio.gather(
+            *(self.layer.upstream_group_add(group, channel) for group in stale)
+        )
+        joined_at = time.monotonic()
         for group in stale:
-            await self.layer.upstream_group_add(group, await self.channel())
-            self.joined[group] = time.monotonic()
+            self.joined[group] = joined_at
         return len(stale)
 
     def forget_upstream(self) -> None:

@@ -150,6 +150,41 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_refresh_joins_every_stale_group_again_in_few_round_trips(
+    connect, make_user, room, redis_server
+):
+    """Redis expires a group a worker does not renew: the worker loop's refresh
+    joins each again, all of them in a pipeline or two, not one trip each."""
+    import redis.asyncio
+
+    users = [await db(make_user, f"user{index:02d}") for index in range(20)]
+    sockets = await asyncio.gather(*(connect(user) for user in users))
+    layer = get_channel_layer()
+    keys = [layer._group_key(protocol.user_group_name(user.pk)) for user in users]
+    client = redis.asyncio.from_url(redis_server.url)
+    pipelines = 0
+    original = layer._group_add_many
+
+    async def counted(joins):
+        nonlocal pipelines
+        pipelines += 1
+        await original(joins)
+
+    layer._joins.many = counted  # one call per round trip
+    try:
+        await client.delete(*keys)  # as if they had expired
+        joined = await layer.hub.refresh(older_than=0)
+        assert joined == len(layer.hub.joined) >= len(keys)
+        for key in keys:
+            assert await client.zcard(key) == 1
+            assert 0 < await client.ttl(key) <= layer.group_expiry
+        assert pipelines <= 2, f"{pipelines} round trips for {joined} groups"
+    finally:
+        await client.aclose()
+    assert len(sockets) == len(users)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
