@@ -250,26 +250,30 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         super().__init__(*args, **kwargs)
         self._joins = Batch(self._group_add_many)
 
-    async def receive(self, channel: str) -> dict[str, Any]:
+    async def receive_single(self, channel: str) -> tuple[Any, dict[str, Any]]:
         # A cancel that lands as redis-py's blocking read times out can be
         # lost on Python 3.11 (the timeout takes it for its own): the read
         # returns nothing and channels_redis blocks again, with the task
         # cancelled in name only, and an event loop's shutdown waits for it
-        # for ever. So the receive runs as a task of its own, cancelled until
-        # it ends. A message it gets meanwhile is dropped, as a cancelled
-        # receive's would be.
-        receiving = asyncio.ensure_future(super().receive(channel))
+        # for ever. So the read (one at a time per process: the receive
+        # lock's holder's) runs as a task of its own, cancelled until it ends.
+        reading = asyncio.ensure_future(super().receive_single(channel))
         try:
-            return await asyncio.shield(receiving)
+            return await asyncio.shield(reading)
         except asyncio.CancelledError:
-            while not receiving.done():
-                receiving.cancel()
+            while not reading.done():
+                reading.cancel()
                 try:
-                    await asyncio.wait({receiving}, timeout=CANCEL_RETRY_SECONDS)
+                    await asyncio.wait({reading}, timeout=CANCEL_RETRY_SECONDS)
                 except asyncio.CancelledError:
                     pass  # on the way out already
-            if not receiving.cancelled():
-                receiving.exception()  # retrieved: a lost read's error is moot
+            if not reading.cancelled() and reading.exception() is None:
+                # Read after all: keep it for the receive of its channel, as
+                # channels_redis does with what its reads get.
+                targets, message = reading.result()
+                if "!" in channel:
+                    for target in targets if isinstance(targets, list) else [targets]:
+                        self.receive_buffer[target].put_nowait(message)
             raise
 
     async def upstream_group_add(self, group: str, channel: str) -> None:
