@@ -14,6 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from chat.protocol import ServerEvent, encode, room_group_name, user_group_name
+from chat.sender import sender
 
 # What a channel-layer call (a send here; a join, a leave or a receive in the
 # consumer) raises while Redis cannot be reached.
@@ -47,9 +48,14 @@ async def broadcast_room_async(
 def broadcast_room(
     slug: str, event: ServerEvent, *, exclude_channel: str | None = None
 ) -> None:
-    """Sync form of broadcast_room_async, for services, views and the admin."""
+    """Sync form of broadcast_room_async, for services, views and the admin.
+
+    In a worker it returns at once: the message goes out after the ones
+    before it (chat.sender says why).
+    """
     message = _group_message(event, exclude_channel)
-    async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
+    if not sender.submit(room_group_name(slug), message):
+        async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
 
 
 async def send_push_async(user_id: int, event: ServerEvent) -> None:

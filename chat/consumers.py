@@ -22,6 +22,7 @@ from chat.broadcast import CHAT_EVENT, LAYER_ERRORS, broadcast_room_async
 from chat.limits import Throttle, TokenBucket, frame_limits
 from chat.models import Room
 from chat.outbox import Outbox, OutboxLimits
+from chat.sender import sender
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if hub is not None:
             hub.attach(self.channel_name, self)
         presence.diffs.bind(asyncio.get_running_loop())
+        sender.bind(asyncio.get_running_loop())
         await self.join_groups(
             protocol.room_group_name(slug), protocol.user_group_name(user.pk)
         )

@@ -1,0 +1,67 @@
+"""chat.sender: a worker's sync broadcasts leave from its event loop, in order,
+and the thread that made them does not wait for them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from channels.layers import get_channel_layer
+
+from chat import broadcast, protocol
+from chat.sender import sender
+
+
+async def test_sync_broadcasts_in_a_worker_return_before_they_are_sent_and_go_in_order(
+    monkeypatch,
+):
+    layer = get_channel_layer()
+    gate = asyncio.Event()
+    sent: list[str] = []
+
+    async def held_group_send(group: str, message: dict) -> None:
+        await gate.wait()  # Redis slow to answer, or the loop busy
+        sent.append(json.loads(message["text"])["user"])
+
+    monkeypatch.setattr(layer, "group_send", held_group_send)
+    sender.bind(asyncio.get_running_loop())
+
+    def commit_three() -> None:
+        # What the database thread does after three posts commit.
+        for n in range(3):
+            broadcast.broadcast_room("lobby", protocol.event_typing(user=f"u{n}"))
+
+    # A thread of its own (a daemon): one that waited for each send would
+    # wait on the gate for ever.
+    returned = threading.Event()
+    threading.Thread(
+        target=lambda: (commit_three(), returned.set()), daemon=True
+    ).start()
+    for _ in range(250):
+        if returned.is_set():
+            break
+        await asyncio.sleep(0.02)
+    assert returned.is_set(), "the thread waited for its broadcasts to be sent"
+    assert sent == []
+    gate.set()
+    for _ in range(100):
+        if len(sent) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert sent == ["u0", "u1", "u2"]
+
+
+def test_without_a_running_worker_loop_a_sync_broadcast_is_sent_before_it_returns(
+    monkeypatch,
+):
+    """A management command or the admin under WSGI: no loop is bound."""
+    layer = get_channel_layer()
+    sent: list[str] = []
+
+    async def recording_group_send(group: str, message: dict) -> None:
+        sent.append(group)
+
+    monkeypatch.setattr(layer, "group_send", recording_group_send)
+    broadcast.broadcast_room("lobby", protocol.event_typing(user="u"))
+    assert sent == [protocol.room_group_name("lobby")]
