@@ -109,6 +109,8 @@ class Hub:
             return 0
         now = time.monotonic()
         stale = [group for group, at in self.joined.items() if now - at > older_than]
+        if not stale:
+            return 0
         channel = await self.channel()
         # Together, so that the layer sends them in a pipeline or two rather
         # than one round trip per group.
