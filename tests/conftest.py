@@ -4,6 +4,7 @@ and the HTTP API's test client, whose every answer is checked against the spec.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -250,6 +251,14 @@ async def connect(channel_layer) -> AsyncIterator:
     presence.diffs.reset()
     await worker.stop_worker_loop()
     await database_sync_to_async(lambda: None)()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Waits (bounded) until `condition()` is true; the caller asserts after."""
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
 
 
 def assert_event(frame: dict[str, Any], type: str, **fields: Any) -> None:

@@ -17,7 +17,7 @@ from chat import metrics, presence, protocol, services
 from chat.broadcast import broadcast_room_async
 from chat.hub import GROUP_KEY
 from chat.models import Room
-from tests.conftest import assert_event, db, post
+from tests.conftest import assert_event, db, post, until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -365,14 +365,6 @@ def outbox_for(sent: list[str], closed: list[tuple[str, int]], send=None, **kwar
         on_overflow=on_overflow,
         **{"batch": False, **kwargs},
     )
-
-
-async def until(condition, timeout: float = 2.0) -> None:
-    """Waits (bounded) until `condition()` is true."""
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
 
 
 async def test_an_outbox_closes_a_socket_whose_transport_does_not_drain():

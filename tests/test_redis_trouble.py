@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+
 import pytest
 from channels.layers import get_channel_layer
 from django.test import Client as HttpClient
 
 from chat import protocol, tokens, worker
+from chat.hub import RedisHubLayer
 from chat.models import Connection, Message
 from tests.conftest import RedisServer, db, post, redis_layer_config
 
@@ -161,11 +165,6 @@ async def test_a_cancelled_receive_ends_even_when_the_cancel_meets_a_read_timeou
     times out; channels_redis then blocks again and an event loop's shutdown
     waits for the task for ever. Short reads make that moment come often: the
     stock layer got stuck within a few hundred cancels in every try."""
-    import asyncio
-    import random
-
-    from chat.hub import RedisHubLayer
-
     layer = RedisHubLayer(hosts=[redis_server.url])
     layer.brpop_timeout = 0.01
     channel = await layer.new_channel()

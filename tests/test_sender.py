@@ -11,6 +11,7 @@ from channels.layers import get_channel_layer
 
 from chat import broadcast, protocol
 from chat.sender import sender
+from tests.conftest import until
 
 
 async def test_sync_broadcasts_in_a_worker_return_before_they_are_sent_and_go_in_order(
@@ -38,17 +39,11 @@ async def test_sync_broadcasts_in_a_worker_return_before_they_are_sent_and_go_in
     threading.Thread(
         target=lambda: (commit_three(), returned.set()), daemon=True
     ).start()
-    for _ in range(250):
-        if returned.is_set():
-            break
-        await asyncio.sleep(0.02)
+    await until(returned.is_set, timeout=5)
     assert returned.is_set(), "the thread waited for its broadcasts to be sent"
     assert sent == []
     gate.set()
-    for _ in range(100):
-        if len(sent) == 3:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: len(sent) == 3)
     assert sent == ["u0", "u1", "u2"]
 
 
