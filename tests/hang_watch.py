@@ -57,7 +57,8 @@ class HangWatch:
         for task in pending_tasks():
             print(f"--- {task!r}", file=out)
             try:
-                task.print_stack(limit=12, file=out)
+                for line in awaiting(task):
+                    print(f"    {line}", file=out)
             except Exception as error:  # a task that changes under us
                 print(f"    (no stack: {error!r})", file=out)
         print(f"=== hung: {nodeid}, over {self.limit:.0f} s", file=out, flush=True)
@@ -72,6 +73,22 @@ def pending_tasks() -> list[asyncio.Task]:
         ]
     except Exception:
         return []
+
+
+def awaiting(task: asyncio.Task) -> list[str]:
+    """Where a suspended task waits, outermost first: its coroutine and each
+    one it awaits (Task.print_stack shows only the outermost)."""
+    lines = []
+    awaited = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            lines.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(
+            awaited, "gi_yieldfrom", None
+        )
+    return lines
 
 
 _watch: HangWatch | None = None
