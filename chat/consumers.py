@@ -48,9 +48,11 @@ def _count_sent(frames: int, events: int) -> None:
 
 
 # Handshakes that arrive together share their trips to the database thread:
-# one to read the sessions' users, one to check and record the sockets.
+# one to read the sessions' users, one to check and record the sockets. Posts
+# that arrive together share one trip and one transaction.
 session_users = DatabaseBatch(each(auth.session_user))
 sockets_open = DatabaseBatch(services.sockets_open)
+posts_stored = DatabaseBatch(services.messages_post)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -253,11 +255,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"too many messages; retry in {self.post_rate.retry_after():.1f} s",
                 command.client_id,
             )
-        message, created = await database_sync_to_async(services.message_post)(
-            room=self.room,
-            user=self.user,
-            text=command.text,
-            client_id=command.client_id,
+        message, created = await posts_stored(
+            services.Post(
+                room=self.room,
+                user=self.user,
+                text=command.text,
+                client_id=command.client_id,
+            )
         )
         if created:
             metrics.MESSAGES_RECEIVED.inc()

@@ -89,6 +89,21 @@ def message_event(message: Message, *, room_slug: str) -> protocol.MessageEvent:
     )
 
 
+@dataclass(frozen=True)
+class Post:
+    """One message to store: what `message_post` takes, for `messages_post`."""
+
+    room: Room
+    user: AbstractBaseUser
+    text: str
+    client_id: str | None = None
+    # The name shown (default: the username), for API tokens.
+    author: str | None = None
+
+
+PostOutcome = tuple[Message, bool] | Exception
+
+
 def message_post(
     *,
     room: Room,
@@ -104,40 +119,106 @@ def message_post(
     Raises ProtocolError(room_closed) when the room is closed.
     `author` is the name shown (default: the username), for API tokens.
     """
-    with transaction.atomic():
+    post = Post(room=room, user=user, text=text, client_id=client_id, author=author)
+    (outcome,) = messages_post([post])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def messages_post(posts: list[Post]) -> list[PostOutcome]:
+    """Stores many posts in one transaction: `message_post` for each, in order.
+
+    Returns one outcome per post: (message, created), or the ProtocolError
+    that post alone gets. A worker's posts that arrive together share it
+    (chat/batching.py), so a busy worker pays one transaction and one room
+    update per room for all of them, not one each. Should the transaction fail
+    as a whole, each post is tried again alone, so that one bad post does not
+    fail the others.
+    """
+    try:
+        with transaction.atomic():
+            return _store_posts(posts)
+    except Exception:
+        if len(posts) == 1:
+            raise
+    outcomes: list[PostOutcome] = []
+    for post in posts:
+        try:
+            outcomes.append(messages_post([post])[0])
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _store_posts(posts: list[Post]) -> list[PostOutcome]:
+    outcomes: list[PostOutcome | None] = [None] * len(posts)
+    by_room: dict[int, list[int]] = {}
+    for index, post in enumerate(posts):
+        by_room.setdefault(post.room.pk, []).append(index)
+    for room_pk, indexes in by_room.items():
         # The row lock serialises posts to one room, so seq has no holes and a
         # concurrent retry of the same client_id finds the first copy.
-        locked = Room.objects.select_for_update().get(pk=room.pk)
-        if client_id is not None:
-            existing = Message.objects.filter(
-                room=locked, user=user, client_id=client_id
-            ).first()
-            if existing is not None:
-                return existing, False
-        if locked.is_closed:
-            raise protocol.ProtocolError(
-                protocol.ERROR_ROOM_CLOSED,
-                "the room is closed: it can be read but not posted to",
-                client_id,
-            )
+        locked = Room.objects.select_for_update().get(pk=room_pk)
+        stored = _stored_by_client_id(locked, [posts[i] for i in indexes])
         now = timezone.now()
-        locked.last_seq += 1
+        new: list[Message] = []
+        for index in indexes:
+            post = posts[index]
+            key = (post.user.pk, post.client_id)
+            if post.client_id is not None and key in stored:
+                outcomes[index] = (stored[key], False)
+            elif locked.is_closed:
+                outcomes[index] = protocol.ProtocolError(
+                    protocol.ERROR_ROOM_CLOSED,
+                    "the room is closed: it can be read but not posted to",
+                    post.client_id,
+                )
+            else:
+                locked.last_seq += 1
+                message = Message(
+                    room=locked,
+                    seq=locked.last_seq,
+                    user=post.user,
+                    author=post.author or post.user.get_username(),
+                    body=post.text,
+                    client_id=post.client_id,
+                )
+                new.append(message)
+                outcomes[index] = (message, True)
+                if post.client_id is not None:
+                    # A retry within the same batch gets this first copy.
+                    stored[key] = message
+        if not new:
+            continue
         locked.last_message_at = now
         locked.save(update_fields=["last_seq", "last_message_at"])
-        message = Message.objects.create(
-            room=locked,
-            seq=locked.last_seq,
-            user=user,
-            author=author or user.get_username(),
-            body=text,
-            client_id=client_id,
-        )
-        event = message_event(message, room_slug=locked.slug)
-        # robust: the stored message is the truth and the live broadcast is
-        # best effort (at most once by design); pages that miss it while
-        # Redis is away fetch it with ?since or history.
-        transaction.on_commit(lambda: broadcast_room(locked.slug, event), robust=True)
-    return message, True
+        Message.objects.bulk_create(new)
+        for message in new:
+            event = message_event(message, room_slug=locked.slug)
+            # robust: the stored message is the truth and the live broadcast
+            # is best effort (at most once by design); pages that miss it
+            # while Redis is away fetch it with ?since or history.
+            transaction.on_commit(
+                lambda slug=locked.slug, event=event: broadcast_room(slug, event),
+                robust=True,
+            )
+    return outcomes  # type: ignore[return-value]
+
+
+def _stored_by_client_id(
+    room: Room, posts: list[Post]
+) -> dict[tuple[Any, str], Message]:
+    """The messages already stored in `room` under these posts' client_ids."""
+    wanted = Q()
+    for post in posts:
+        if post.client_id is not None:
+            wanted |= Q(user=post.user, client_id=post.client_id)
+    if not wanted:
+        return {}
+    # order_by(): the model's default ordering would join the rooms to sort.
+    found = Message.objects.filter(wanted, room=room).order_by()
+    return {(message.user_id, message.client_id): message for message in found}
 
 
 @dataclass(frozen=True)

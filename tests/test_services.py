@@ -7,11 +7,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from chat import presence, services
+from chat import presence, protocol, services
 from chat.models import Connection, Message, Room
 
 pytestmark = pytest.mark.django_db
@@ -183,6 +184,99 @@ def test_retried_post_is_not_broadcast_again(room, alice, broadcasts):
     post(room, alice, client_id="c-1")
     post(room, alice, client_id="c-1")
     assert len(broadcasts) == 1
+
+
+# ---------------------------------------------------------------------------
+# messages_post: the posts a worker got together, in one transaction
+# ---------------------------------------------------------------------------
+
+
+def many(*posts: tuple[Room, Any, str, str | None]) -> list[services.PostOutcome]:
+    return services.messages_post(
+        [
+            services.Post(room=room, user=user, text=text, client_id=client_id)
+            for room, user, text, client_id in posts
+        ]
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_posts_together_get_what_each_would_alone(
+    room, other_room, alice, bob, broadcasts
+):
+    stored, _ = post(room, alice, "before", client_id="c-1")
+    outcomes = many(
+        (room, alice, "retried", "c-1"),
+        (room, bob, "b1", "c-1"),
+        (other_room, alice, "o1", None),
+        (room, alice, "a2", "c-2"),
+        (room, alice, "a2 again", "c-2"),
+        (room, bob, "b2", None),
+    )
+    assert [(m.room.slug, m.seq, m.body, created) for m, created in outcomes] == [
+        ("lobby", 1, "before", False),
+        ("lobby", 2, "b1", True),
+        ("other", 1, "o1", True),
+        ("lobby", 3, "a2", True),
+        ("lobby", 3, "a2", False),
+        ("lobby", 4, "b2", True),
+    ]
+    assert outcomes[0][0].pk == stored.pk
+    assert outcomes[3][0].pk == outcomes[4][0].pk
+    assert stored_seqs(room) == [1, 2, 3, 4]
+    assert stored_seqs(other_room) == [1]
+    room.refresh_from_db()
+    assert room.last_seq == 4
+    # Each new message once, after the commit, in each room's order.
+    assert [(b["slug"], b["event"]["seq"], b["stored"]) for b in broadcasts] == [
+        ("lobby", 1, True),
+        ("lobby", 2, True),
+        ("lobby", 3, True),
+        ("lobby", 4, True),
+        ("other", 1, True),
+    ]
+    assert broadcasts[1]["event"] == services.message_event(
+        outcomes[1][0], room_slug="lobby"
+    )
+
+
+def test_a_closed_room_refuses_its_posts_only(room, other_room, alice):
+    Room.objects.filter(pk=other_room.pk).update(is_closed=True)
+    outcomes = many((room, alice, "a", None), (other_room, alice, "b", "c-9"))
+    message, created = outcomes[0]
+    assert (message.seq, created) == (1, True)
+    refused = outcomes[1]
+    assert isinstance(refused, protocol.ProtocolError)
+    assert (refused.code, refused.ref) == (protocol.ERROR_ROOM_CLOSED, "c-9")
+    assert stored_seqs(other_room) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_post_the_database_refuses_fails_alone(room, alice, broadcasts):
+    ghost = get_user_model()(pk=10**9, username="ghost")  # no such row
+    outcomes = many(
+        (room, alice, "a", None), (room, ghost, "g", None), (room, alice, "b", None)
+    )
+    assert isinstance(outcomes[1], IntegrityError)
+    assert [(m.body, m.seq) for m, _ in (outcomes[0], outcomes[2])] == [
+        ("a", 1),
+        ("b", 2),
+    ]
+    assert stored_seqs(room) == [1, 2]
+    assert [b["event"]["seq"] for b in broadcasts] == [1, 2]
+
+
+def test_posts_together_cost_the_queries_of_one(room, alice, bob):
+    with CaptureQueriesContext(connection) as one:
+        many((room, alice, "x", "c-0"))
+    posts = [
+        (room, user, f"m{n}", f"c-{n}") for n in range(1, 21) for user in (alice, bob)
+    ]
+    with CaptureQueriesContext(connection) as forty:
+        outcomes = many(*posts)
+    assert all(created for _, created in outcomes)
+    assert len(forty) == len(one)
+    assert not any("ORDER BY" in q["sql"] for q in forty.captured_queries)
 
 
 # ---------------------------------------------------------------------------
