@@ -60,6 +60,14 @@ class ViewOnlyMixin:
     # False also takes deleting away (the default leaves it to permissions).
     deletable = True
 
+    def has_add_permission(self, request, *args) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # The change page still shows the row, read-only, to those who may
+        # view it; a POST to it is refused (403).
+        return False
+
     def has_delete_permission(self, request, obj=None) -> bool:
         return self.deletable and super().has_delete_permission(request, obj)
 

@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import api as chat_api
-from chat import presence, protocol, services, tokens
+from chat import moderation, presence, protocol, services, tokens
 from chat.models import (
     ApiToken,
     Connection,
@@ -231,6 +231,33 @@ def test_moderation_record_is_read_only(admin_client, room, alice):
         ).status_code
         == 403
     )
+
+
+@pytest.mark.django_db
+def test_records_the_chat_writes_cannot_be_added_or_edited(
+    admin_client, admin_user, room, alice
+):
+    message, _ = services.message_post(room=room, user=alice, text="said")
+    open_socket(room, alice, "a1", worker="w1")
+    moderation.user_kick(room=room, user=alice, actor=admin_user, reason="spam")
+    rows = {
+        "moderationaction": (ModerationAction.objects.get(), {"kind": "ban"}),
+        "message": (message, {"body": "rewritten"}),
+        "connection": (Connection.objects.get(), {"address": "10.9.9.9"}),
+        "worker": (Worker.objects.get(), {"slow_closes": "99"}),
+    }
+    for name, (row, edit) in rows.items():
+        base = f"/admin/chat/{name}/"
+        assert admin_client.get(f"{base}add/").status_code == 403, name
+        assert admin_client.post(f"{base}add/", edit).status_code == 403, name
+        # The page still shows the row, with nothing to save.
+        page = admin_client.get(f"{base}{row.pk}/change/")
+        assert page.status_code == 200, name
+        assert 'name="_save"' not in page.content.decode(), name
+        before = type(row).objects.values().get(pk=row.pk)
+        assert admin_client.post(f"{base}{row.pk}/change/", edit).status_code == 403
+        assert type(row).objects.values().get(pk=row.pk) == before, name
+        assert 'href="' + f"{base}add/" not in admin_client.get(base).content.decode()
 
 
 @pytest.mark.django_db
