@@ -14,8 +14,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
+from django.utils.decorators import sync_and_async_middleware
 from django.views.decorators.csrf import csrf_exempt
 
 from chat import protocol, services, tokens
@@ -39,8 +41,12 @@ ERROR_METHOD_NOT_ALLOWED = "method_not_allowed"
 ERROR_BODY_TOO_LARGE = "body_too_large"
 ERROR_UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 ERROR_SERVER_ERROR = "server_error"
+# What Django itself answers under /api/ (a bad Host header, say), as JSON.
+ERROR_BAD_REQUEST = "bad_request"
+ERROR_FORBIDDEN = "forbidden"
 
 ERROR_STATUS: dict[str, int] = {
+    ERROR_BAD_REQUEST: 400,
     protocol.ERROR_BAD_JSON: 400,
     protocol.ERROR_NOT_AN_OBJECT: 400,
     ERROR_MISSING_FIELD: 400,
@@ -51,6 +57,7 @@ ERROR_STATUS: dict[str, int] = {
     protocol.ERROR_INVALID_MESSAGE: 400,
     protocol.ERROR_INVALID_CLIENT_ID: 400,
     ERROR_MISSING_TOKEN: 401,
+    ERROR_FORBIDDEN: 403,
     ERROR_INVALID_TOKEN: 401,
     tokens.FORBIDDEN_SCOPE: 403,
     tokens.FORBIDDEN_ROOM: 403,
@@ -369,3 +376,63 @@ def user_push(request: HttpRequest, token: ApiToken, username: str) -> JsonRespo
         )
     sockets = services.user_push(user=user, event=event, data=body.get("data"))
     return json_response({"sockets": sockets}, status=202)
+
+
+# ---------------------------------------------------------------------------
+# Django's own answers under /api/, as JSON
+# ---------------------------------------------------------------------------
+
+# The code for an error answer Django made, by status; other 4xx are
+# bad_request and other 5xx server_error.
+DJANGO_ERROR_CODES = {
+    403: ERROR_FORBIDDEN,
+    404: ERROR_NOT_FOUND,
+    405: ERROR_METHOD_NOT_ALLOWED,
+    413: ERROR_BODY_TOO_LARGE,
+}
+
+
+def is_api_path(path: str) -> bool:
+    return path == "/api" or path.startswith("/api/")
+
+
+def as_api_error(request: HttpRequest, response: Any) -> Any:
+    """An error answer under /api/ that is not the API's own becomes JSON.
+
+    Django answers some requests before any view runs (a Host header not in
+    ALLOWED_HOSTS, a CSRF failure, an error page in DEBUG), and those answers
+    are HTML; an API client gets the same {"error", "detail"} body as from
+    the API's views, with the status Django chose.
+    """
+    if (
+        response.status_code < 400
+        or not is_api_path(request.path)
+        or response.get("Content-Type", "").startswith("application/json")
+    ):
+        return response
+    status = response.status_code
+    code = DJANGO_ERROR_CODES.get(
+        status, ERROR_SERVER_ERROR if status >= 500 else ERROR_BAD_REQUEST
+    )
+    detail = response.reason_phrase or "the request was refused"
+    answer = JsonResponse({"error": code, "detail": detail}, status=status)
+    for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+        if name in response:
+            answer[name] = response[name]
+    return answer
+
+
+@sync_and_async_middleware
+def json_errors_middleware(get_response):
+    """Outermost middleware: see as_api_error."""
+    if iscoroutinefunction(get_response):
+
+        async def middleware(request: HttpRequest):
+            return as_api_error(request, await get_response(request))
+
+    else:
+
+        def middleware(request: HttpRequest):
+            return as_api_error(request, get_response(request))
+
+    return middleware

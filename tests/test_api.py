@@ -650,12 +650,35 @@ def test_wrong_method_is_405_with_allow(api, path, method, room):
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/", "/api/nope", "/api/rooms/lobby/", "/api/users/"]
+    "path", ["/api", "/api/", "/api/nope", "/api/rooms/lobby/", "/api/users/"]
 )
 @pytest.mark.parametrize("method", ["get", "post"])
 def test_unknown_api_path_is_a_json_404(api, path, method, publisher):
     response = api.request(method, path, token=publisher, data={"message": "x"})
     assert_error(response, 404, chat_api.ERROR_NOT_FOUND)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_bad_host_gets_a_json_400_under_api_and_stores_nothing(
+    settings, debug, room, publisher
+):
+    settings.DEBUG = debug
+    client = Client(HTTP_HOST="evil.example")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {publisher}"}
+    for response in (
+        client.get(ROOMS, **headers),
+        client.post(
+            LOBBY_MESSAGES, {"message": "x"}, content_type="application/json", **headers
+        ),
+        client.post("/api", {}, content_type="application/json"),
+    ):
+        assert response["Content-Type"] == "application/json"
+        assert_error(response, 400, chat_api.ERROR_BAD_REQUEST)
+    assert Message.objects.count() == 0
+    # The pages keep Django's own answer.
+    page = client.get("/chat/")
+    assert page.status_code == 400
+    assert page["Content-Type"].startswith("text/html")
 
 
 def test_unexpected_error_is_a_json_500_without_details(
