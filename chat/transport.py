@@ -5,6 +5,12 @@ that stops reading makes Twisted buffer for it without limit. `install` (run by
 chatproject.asgi, so it holds under plain `daphne` too) puts a probe into each
 WebSocket scope; the socket's writer looks at it and waits while it is full.
 Under a server with backpressure (uvicorn) there is no probe: its send waits.
+
+`install` also lets through the close codes a server has to say: daphne's
+WebSocket library (autobahn) lets an application close only with 1000 or
+3000-4999, but RFC 6455 reserves 1001 (going away), 1011, 1012 (restart) and
+1013 (try again later) for exactly that, and a page that never hears them
+stays on a socket that no longer gets its room's messages.
 """
 
 from __future__ import annotations
@@ -14,6 +20,19 @@ from typing import Any
 
 # The scope extension that carries the probe.
 EXTENSION = "chat.transport"
+
+# Codes a server may send that autobahn's sendClose refuses (1009: message too
+# big; 1011: internal error).
+SERVER_CLOSE_CODES = frozenset({1001, 1009, 1011, 1012, 1013})
+
+
+def server_close(protocol: Any, code: int | None = None) -> None:
+    """daphne's WebSocketProtocol.serverClose, letting SERVER_CLOSE_CODES through."""
+    code = 1000 if code is None else code
+    if code in SERVER_CLOSE_CODES:
+        protocol.sendCloseFrame(code=code, isReply=False)
+    else:
+        protocol.sendClose(code=code)
 
 
 class TransportProbe:
@@ -81,6 +100,9 @@ def install() -> bool:
         from daphne.server import Server
     except ImportError:
         return False
+    from daphne.ws_protocol import WebSocketProtocol
+
+    WebSocketProtocol.serverClose = server_close
     _install_eager_writes()
     if getattr(Server.create_application, "chat_probe", False):
         return True

@@ -3,10 +3,9 @@ a server needs. Run it exactly like daphne:
 
     python -m chatproject.server -b 127.0.0.1 -p 8001 chatproject.asgi:application
 
-* daphne's WebSocket library (autobahn) lets an application close only with 1000
-  or 3000-4999, but RFC 6455 reserves 1001 (going away), 1011, 1012 (restart)
-  and 1013 (try again later) for exactly what a server has to say; this sends
-  those as they are.
+* The close codes a server needs (1001, 1011, 1012, 1013), which daphne's
+  autobahn refuses, go through under any daphne command: chat/transport.py
+  lets them through, from chatproject.asgi.
 * On SIGTERM daphne stops the reactor and cancels every consumer, so sockets
   drop without a close frame and no disconnect handler runs. Here SIGTERM stops
   accepting connections, closes each socket with 1001 so the client reconnects
@@ -28,31 +27,9 @@ from daphne.ws_protocol import WebSocketProtocol
 from django.conf import settings
 from twisted.internet import reactor
 
-from chat.protocol import (
-    CLOSE_GOING_AWAY,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TRY_AGAIN_LATER,
-)
+from chat.protocol import CLOSE_GOING_AWAY
 
 logger = logging.getLogger("chatproject.server")
-
-# Codes a server may send that autobahn's sendClose refuses (1009: message too
-# big; 1011: internal error).
-SERVER_CLOSE_CODES = frozenset(
-    {CLOSE_GOING_AWAY, 1009, 1011, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER}
-)
-
-
-def _server_close(self: WebSocketProtocol, code: int | None = None) -> None:
-    """daphne's serverClose, letting the server-side codes above through."""
-    code = 1000 if code is None else code
-    if code in SERVER_CLOSE_CODES:
-        self.sendCloseFrame(code=code, isReply=False)
-    else:
-        self.sendClose(code=code)
-
-
-WebSocketProtocol.serverClose = _server_close
 
 
 def drain_seconds() -> float:

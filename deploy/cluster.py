@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from harness.processes import (
+    LAUNCHER,
     REPO_ROOT,
     Child,
     Daphne,
@@ -78,11 +79,18 @@ class Worker(Daphne):
     then stops everything in order (workers first, so they can drain).
     """
 
-    def __init__(self, port: int, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        port: int,
+        env: Mapping[str, str],
+        log_dir: Path,
+        command: Sequence[str] = LAUNCHER,
+    ) -> None:
         super().__init__(
             log_dir / f"worker-{port}.log",
             env=env,
             port=port,
+            command=command,
             options=["--proxy-headers"],
             group=True,
         )
@@ -131,6 +139,9 @@ class Cluster:
 
     `port` is nginx's (0: a free one); `worker_ports` default to free ports.
     `env` is added to the workers' environment (e.g. CHAT_WORKER_LEASE_SECONDS).
+    `worker_command` runs the workers: the launcher, or harness.processes'
+    PLAIN_DAPHNE (`daphne chatproject.asgi:application` as the Channels guides
+    show it).
     """
 
     def __init__(
@@ -142,7 +153,9 @@ class Cluster:
         worker_ports: Sequence[int] | None = None,
         redis_servers: int = 1,
         env: Mapping[str, str] | None = None,
+        worker_command: Sequence[str] = LAUNCHER,
     ) -> None:
+        self.worker_command = list(worker_command)
         self.workdir = Path(tempfile.mkdtemp(prefix="chat-cluster-"))
         # nginx's worker processes run as `nobody` when started by root; they
         # read the static files and write their temp files under here.
@@ -226,7 +239,8 @@ class Cluster:
             self.manage("migrate", "--noinput", "-v0")
             self.manage("collectstatic", "--noinput", "-v0")
             self.workers = [
-                Worker(port, self.env, self.log_dir) for port in self.worker_ports
+                Worker(port, self.env, self.log_dir, self.worker_command)
+                for port in self.worker_ports
             ]
             start_all(self.workers)
             prefix = self.workdir / "nginx"
@@ -289,14 +303,19 @@ class Cluster:
         old = self.workers[index]
         if old.alive():
             raise ClusterError(f"{old.name} is still running")
-        worker = Worker(old.port, self.env, self.log_dir)
+        worker = Worker(old.port, self.env, self.log_dir, self.worker_command)
         self.workers[index] = worker
         worker.start()
         return worker
 
     def start_worker(self, env: Mapping[str, str] | None = None) -> Worker:
         """Starts one more worker on a free port, outside nginx; waits for /healthz."""
-        worker = Worker(free_port(), {**self.env, **(env or {})}, self.log_dir)
+        worker = Worker(
+            free_port(),
+            {**self.env, **(env or {})},
+            self.log_dir,
+            self.worker_command,
+        )
         self.extra_workers.append(worker)
         worker.start()
         return worker

@@ -1,11 +1,11 @@
-"""The worker launcher: the close codes it lets through (no daphne process)."""
+"""The worker process: the close codes daphne lets through, and the drain."""
 
 from __future__ import annotations
 
 import pytest
 from daphne.ws_protocol import WebSocketProtocol
 
-from chat import protocol
+from chat import protocol, transport
 from chatproject import server
 
 
@@ -32,24 +32,30 @@ def server_side_close_codes() -> list[int]:
 
 
 def test_every_server_side_close_code_of_the_protocol_gets_through():
-    assert set(server_side_close_codes()) <= server.SERVER_CLOSE_CODES
+    assert set(server_side_close_codes()) <= transport.SERVER_CLOSE_CODES
+
+
+def test_the_asgi_app_lets_them_through_under_any_daphne_command():
+    import chatproject.asgi  # noqa: F401  (plain `daphne` loads only this)
+
+    assert WebSocketProtocol.serverClose is transport.server_close
 
 
 def test_1008_is_not_let_through_since_nothing_sends_it():
-    assert 1008 not in server.SERVER_CLOSE_CODES
+    assert 1008 not in transport.SERVER_CLOSE_CODES
 
 
 @pytest.mark.parametrize("code", server_side_close_codes())
 def test_a_server_side_code_is_sent_as_it_is(code):
     ws = RecordingProtocol()
-    server._server_close(ws, code)
+    transport.server_close(ws, code)
     assert ws.sent == [("frame", code)]
 
 
 @pytest.mark.parametrize("code", [None, 1000, protocol.CLOSE_FORBIDDEN])
 def test_application_codes_go_through_autobahn_as_before(code):
     ws = RecordingProtocol()
-    server._server_close(ws, code)
+    transport.server_close(ws, code)
     assert ws.sent == [("close", 1000 if code is None else code)]
 
 

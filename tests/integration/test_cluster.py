@@ -24,7 +24,7 @@ from channels_redis.utils import _consistent_hash
 
 from deploy.cluster import Cluster
 from harness.client import ChatPage
-from harness.processes import http_get
+from harness.processes import PLAIN_DAPHNE, http_get
 from tests.integration.conftest import SETUP_SCRIPT, HttpSession, unique_name
 
 pytestmark = pytest.mark.integration
@@ -504,6 +504,25 @@ async def test_sigterm_while_sockets_close_still_exits_within_the_drain_limit(
 async def test_redis_restart_closes_sockets_and_chat_resumes_without_worker_restarts(
     cluster, clients
 ):
+    await redis_restart_resumes(cluster, clients)
+
+
+@pytest.fixture(scope="module")
+def plain_daphne_cluster() -> Iterator[Cluster]:
+    """Workers run as `daphne chatproject.asgi:application`, not the launcher."""
+    with Cluster(workers=2, env=CLUSTER_ENV, worker_command=PLAIN_DAPHNE) as cluster:
+        yield cluster
+
+
+async def test_redis_restart_under_plain_daphne_leaves_no_deaf_socket(
+    plain_daphne_cluster, clients
+):
+    # daphne's own close refuses 1012 and 1013; without them a socket stayed
+    # open after the restart and heard nothing from the other worker.
+    await redis_restart_resumes(plain_daphne_cluster, clients)
+
+
+async def redis_restart_resumes(cluster: Cluster, clients) -> None:
     room = unique_name("redis")
     users = make_users(cluster, 7, rooms=[room])
     newcomer_name, newcomer_session = users.popitem()
