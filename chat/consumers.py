@@ -146,6 +146,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             settings.CHAT_RATE_MESSAGES, settings.CHAT_RATE_WINDOW_SECONDS
         )
         self.typing_throttle = Throttle(settings.CHAT_TYPING_INTERVAL_SECONDS)
+        self.bad_frames = TokenBucket(settings.CHAT_BAD_FRAMES_PER_MINUTE, 60)
 
         since = None
         try:
@@ -232,6 +233,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             command = protocol.parse_client_frame(text_data, bytes_data, self.limits)
+        except protocol.ProtocolError as error:
+            await self.refuse_frame(error)
+            return
+        try:
             if isinstance(command, protocol.PostMessage):
                 await self.post_message(command)
             elif isinstance(command, protocol.Typing):
@@ -247,6 +252,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # resumes with ?since and resends with the same client_id.
             logger.warning("closing a socket: the channel layer is unreachable")
             await self.close_unavailable()
+
+    async def refuse_frame(self, error: protocol.ProtocolError) -> None:
+        """A frame that does not parse: its error, and a 1008 close past the limit."""
+        if self.bad_frames.allow():
+            await self.send_error(error)
+            return
+        logger.warning(
+            "closing a socket of user %s: over %d bad frames in a minute",
+            self.user.pk,
+            settings.CHAT_BAD_FRAMES_PER_MINUTE,
+        )
+        # The error goes before the close, not behind what the outbox holds.
+        if self.outbox is not None:
+            self.outbox.stop()
+        await self.send_direct(self.error_event(error))
+        await self.close(code=protocol.CLOSE_POLICY_VIOLATION)
 
     async def post_message(self, command: protocol.PostMessage) -> None:
         if not self.post_rate.allow():

@@ -51,6 +51,9 @@ CLOSE_TOO_MANY_CONNECTIONS = 4429
 # The socket fell too far behind (its outgoing queue is full, or its transport
 # did not drain in time): reconnect and resume with ?since.
 CLOSE_TOO_SLOW = 4008
+# Too many bad frames (CHAT_BAD_FRAMES_PER_MINUTE): a client that keeps sending
+# what the server refuses is broken or hostile; retrying the same cannot help.
+CLOSE_POLICY_VIOLATION = 1008
 # Server-side codes of RFC 6455 (sent through chatproject.server).
 CLOSE_GOING_AWAY = 1001
 CLOSE_SERVICE_RESTART = 1012

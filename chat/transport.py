@@ -21,9 +21,9 @@ from typing import Any
 # The scope extension that carries the probe.
 EXTENSION = "chat.transport"
 
-# Codes a server may send that autobahn's sendClose refuses (1009: message too
-# big; 1011: internal error).
-SERVER_CLOSE_CODES = frozenset({1001, 1009, 1011, 1012, 1013})
+# Codes a server may send that autobahn's sendClose refuses (1008: policy
+# violation; 1009: message too big; 1011: internal error).
+SERVER_CLOSE_CODES = frozenset({1001, 1008, 1009, 1011, 1012, 1013})
 
 
 def server_close(protocol: Any, code: int | None = None) -> None:

@@ -284,6 +284,9 @@ CHAT_RESUME_MAX = env_int("CHAT_RESUME_MAX", 500)
 CHAT_RATE_MESSAGES = env_int("CHAT_RATE_MESSAGES", 20)
 CHAT_RATE_WINDOW_SECONDS = env_int("CHAT_RATE_WINDOW_SECONDS", 10)
 CHAT_TYPING_INTERVAL_SECONDS = env_int("CHAT_TYPING_INTERVAL_SECONDS", 2)
+# Frames the server refuses (bad JSON, unknown type, invalid fields) per socket
+# per minute before it closes the socket with 1008; the page sends none.
+CHAT_BAD_FRAMES_PER_MINUTE = env_int("CHAT_BAD_FRAMES_PER_MINUTE", 30)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
 # HTTP API: request body size, and requests per token per window.
 CHAT_API_MAX_BODY_BYTES = env_int("CHAT_API_MAX_BODY_BYTES", 64 * 1024)

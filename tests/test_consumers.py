@@ -275,6 +275,37 @@ async def test_bad_frame_gets_error_and_socket_stays_open(
     assert await stored_bodies() == ["still here"]
 
 
+async def test_repeated_bad_frames_close_the_socket_with_1008(
+    connect, alice, room, settings
+):
+    settings.CHAT_BAD_FRAMES_PER_MINUTE = 3
+    a, _ = await connect(alice)
+    b, _ = await connect(alice)
+    for _ in range(3):
+        await a.send_text("{not json")
+        await assert_error(a, protocol.ERROR_BAD_JSON)
+    # Refused posts are not bad frames: a closed or rate-limited post is.
+    assert_event(await post(a, "still here"), "message", seq=1)
+    await a.send_text('{"type": "nope"}')
+    await assert_error(a, protocol.ERROR_UNKNOWN_TYPE)
+    assert await a.receive_close() == protocol.CLOSE_POLICY_VIOLATION
+    # Only that socket: the same user's other socket goes on.
+    assert_event(await b.receive_type("message"), "message", seq=1)
+    assert_event(await post(b, "other socket"), "message", seq=2)
+    assert await stored_bodies() == ["still here", "other socket"]
+
+
+async def test_bad_frames_below_the_limit_leave_the_socket_open(
+    connect, alice, room, settings
+):
+    settings.CHAT_BAD_FRAMES_PER_MINUTE = 3
+    a, _ = await connect(alice)
+    for _ in range(3):
+        await a.send_text("[]")
+        await assert_error(a, protocol.ERROR_NOT_AN_OBJECT)
+    assert_event(await post(a, "fine"), "message", seq=1)
+
+
 async def test_too_long_message_is_refused_with_its_client_id(
     connect, alice, room, settings
 ):

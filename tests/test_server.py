@@ -41,10 +41,6 @@ def test_the_asgi_app_lets_them_through_under_any_daphne_command():
     assert WebSocketProtocol.serverClose is transport.server_close
 
 
-def test_1008_is_not_let_through_since_nothing_sends_it():
-    assert 1008 not in transport.SERVER_CLOSE_CODES
-
-
 @pytest.mark.parametrize("code", server_side_close_codes())
 def test_a_server_side_code_is_sent_as_it_is(code):
     ws = RecordingProtocol()

@@ -6,6 +6,7 @@
 // Policy closes: retrying cannot help, so the page says why and stops. Any
 // other 44xx stops too.
 const CLOSE_REASONS = {
+  1008: "The server closed the connection after repeated bad frames. Reload the page.",
   4401: "You are signed out. Log in again to chat.",
   4403: "You were removed from this room, or are not allowed in it.",
   4404: "This room does not exist.",
