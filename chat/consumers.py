@@ -263,10 +263,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.user.pk,
             settings.CHAT_BAD_FRAMES_PER_MINUTE,
         )
-        # The error goes before the close, not behind what the outbox holds.
-        if self.outbox is not None:
-            self.outbox.stop()
-        await self.send_direct(self.error_event(error))
+        event = self.error_event(error)
+        if self.outbox is not None and self.registered:
+            # What was queued, then this error, then the close.
+            await self.outbox.finish(protocol.encode(event))
+        else:
+            await self.send_direct(event)
         await self.close(code=protocol.CLOSE_POLICY_VIOLATION)
 
     async def post_message(self, command: protocol.PostMessage) -> None:

@@ -160,6 +160,20 @@ class Outbox:
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
 
+    async def finish(self, last: str) -> None:
+        """Ends the outbox with `last` (one event's JSON), ahead of a close.
+
+        What it still holds and then `last` are written at once, in one frame
+        when batched, so that the client reads them before the close frame.
+        """
+        texts = [*self.queue, last]
+        self.stop()
+        frames = ["[" + ",".join(texts) + "]"] if self.batch else texts
+        if self._on_sent is not None:
+            self._on_sent(len(frames), len(texts))
+        for frame in frames:
+            await self._send_text(frame)
+
     def _schedule(self) -> None:
         if (
             self.started

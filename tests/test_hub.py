@@ -480,3 +480,22 @@ async def test_queue_figures_and_slow_closes_reach_the_admin(
     assert b"peak queued events" in page.content.lower()
     page = await db(admin_client.get, "/admin/chat/worker/")
     assert b"slow closes" in page.content.lower()
+
+
+@pytest.mark.parametrize(
+    ("batch", "frames"),
+    [(False, ['"a"', '"b"', '"last"']), (True, ['["a","b","last"]'])],
+)
+async def test_finishing_an_outbox_writes_what_it_held_then_the_last_event(
+    batch, frames
+):
+    sent: list[str] = []
+    outbox = outbox_for(sent, [], batch=batch, backlog=lambda: 0)
+    outbox.start()
+    outbox.push('"a"')
+    outbox.push('"b"')
+    await outbox.finish('"last"')
+    assert sent == frames
+    outbox.push('"after"')
+    await asyncio.sleep(0.1)  # a round would have written it by now
+    assert sent == frames

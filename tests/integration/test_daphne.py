@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 from harness.client import ChatSocket
 from tests.conftest import assert_event
 from tests.integration.conftest import (
+    PLAIN_DAPHNE_COMMAND,
     DaphneServer,
     HttpSession,
     create_room,
@@ -131,6 +132,24 @@ async def test_bad_json_gets_an_error_frame_and_the_socket_stays_usable(
 
     frame = await post(socket, "still here")
     assert_event(frame, "message", user=alice.username, seq=1)
+
+
+@pytest.mark.parametrize("command", [None, PLAIN_DAPHNE_COMMAND])
+async def test_repeated_bad_frames_close_with_1008_under_either_command(
+    daphne_factory, ws_connect, command
+):
+    server = daphne_factory({"CHAT_BAD_FRAMES_PER_MINUTE": "2"}, command=command)
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    socket, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    for _ in range(3):
+        await socket.send_text("{oops")
+    code, frames = await socket.receive_close()
+    assert code == 1008
+    assert [frame["code"] for frame in frames] == ["bad_json"] * 3
+    # The worker is fine: a new socket posts.
+    again, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    assert_event(await post(again, "after"), "message", seq=1)
 
 
 # ---------------------------------------------------------------------------
