@@ -20,7 +20,7 @@ from django.http import HttpRequest, JsonResponse
 from django.utils.decorators import sync_and_async_middleware
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import protocol, services, tokens
+from chat import moderation, protocol, services, tokens
 from chat.broadcast import LAYER_ERRORS
 from chat.limits import frame_limits
 from chat.models import ApiToken, Room
@@ -44,6 +44,8 @@ ERROR_SERVER_ERROR = "server_error"
 # What Django itself answers under /api/ (a bad Host header, say), as JSON.
 ERROR_BAD_REQUEST = "bad_request"
 ERROR_FORBIDDEN = "forbidden"
+# The token's owner is banned from the room: the API is no way around a ban.
+ERROR_BANNED = "banned"
 
 ERROR_STATUS: dict[str, int] = {
     ERROR_BAD_REQUEST: 400,
@@ -58,6 +60,7 @@ ERROR_STATUS: dict[str, int] = {
     protocol.ERROR_INVALID_CLIENT_ID: 400,
     ERROR_MISSING_TOKEN: 401,
     ERROR_FORBIDDEN: 403,
+    ERROR_BANNED: 403,
     ERROR_INVALID_TOKEN: 401,
     tokens.FORBIDDEN_SCOPE: 403,
     tokens.FORBIDDEN_ROOM: 403,
@@ -271,6 +274,14 @@ def _room(slug: str) -> Room:
     return room
 
 
+def _room_for(token: ApiToken, slug: str) -> Room:
+    """The room, if the token's owner may read and post there (not banned)."""
+    room = _room(slug)
+    if moderation.banned_pairs([(room, token.owner)]):
+        raise ApiError(ERROR_BANNED, "the token's owner is banned from this room")
+    return room
+
+
 def _forbidden(refused: tokens.TokenForbidden) -> ApiError:
     headers = {}
     if refused.code == tokens.FORBIDDEN_SCOPE:
@@ -312,7 +323,7 @@ def room_messages(request: HttpRequest, token: ApiToken, room: str) -> JsonRespo
 
 def _poll(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
     tokens.api_token_check_read(token=token, slug=slug)
-    room = _room(slug)
+    room = _room_for(token, slug)
     since = protocol.parse_since(request.META.get("QUERY_STRING", ""))
     limit = _query_int(
         request,
@@ -342,7 +353,7 @@ def _poll(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
 
 def _publish(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
     tokens.api_token_check_publish(token=token, slug=slug)
-    room = _room(slug)
+    room = _room_for(token, slug)
     body = read_json_object(request)
     _require(body, "message")
     post = protocol.parse_post(

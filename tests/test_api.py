@@ -18,7 +18,7 @@ from django.test import AsyncClient, Client
 from django.urls import resolve, reverse
 
 from chat import api as chat_api
-from chat import protocol, services, tokens
+from chat import moderation, protocol, services, tokens
 from chat.models import ApiToken, Message, Room
 from chatproject.settings import caches_from_env
 from tests.conftest import (
@@ -426,6 +426,25 @@ def test_deleted_messages_are_not_polled(api, make_token, alice, room):
 def test_bad_query_parameters_are_400(api, make_token, room, query, code):
     raw = make_token()
     assert_error(api.get(f"{LOBBY_MESSAGES}?{query}", token=raw), 400, code)
+
+
+def test_a_banned_owners_token_can_neither_read_nor_post_that_room(
+    api, publisher, room, alice, bob, make_token
+):
+    services.message_post(room=room, user=bob, text="before the ban")
+    ban = moderation.user_ban(room=room, user=alice, actor=bob, reason="spam")
+    assert_error(api.get(LOBBY_MESSAGES, token=publisher), 403, chat_api.ERROR_BANNED)
+    refused = api.post(LOBBY_MESSAGES, {"message": "sneaky"}, token=publisher)
+    assert_error(refused, 403, chat_api.ERROR_BANNED)
+    assert list(Message.objects.values_list("body", flat=True)) == ["before the ban"]
+    # Only alice's own tokens, only in that room, only while the ban lasts.
+    bobs = make_token(owner=bob, can_publish=True)
+    assert api.post(LOBBY_MESSAGES, {"message": "hi"}, token=bobs).status_code == 201
+    Room.objects.create(slug="elsewhere")
+    elsewhere = "/api/rooms/elsewhere/messages/"
+    assert api.post(elsewhere, {"message": "hi"}, token=publisher).status_code == 201
+    moderation.ban_lift(ban=ban, actor=bob)
+    assert api.get(LOBBY_MESSAGES, token=publisher).status_code == 200
 
 
 def test_reading_an_unknown_room_is_404(api, make_token, room):
