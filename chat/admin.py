@@ -485,7 +485,12 @@ class RoomBanAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: RoomBan, form, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
+            moderation.ban_change(
+                ban=obj,
+                actor=request.user,
+                reason=obj.reason,
+                expires_at=obj.expires_at,
+            )
             return
         moderation.user_ban(
             room=obj.room,

@@ -190,6 +190,38 @@ def user_ban(
     return ban
 
 
+def ban_change(
+    *,
+    ban: RoomBan,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    expires_at: datetime | None,
+) -> RoomBan:
+    """Changes a ban's reason or end, and records it.
+
+    An end in the past ends the ban now: recorded as an unban, and the user
+    may come back. Otherwise it is recorded as a ban with the new terms.
+    """
+    with transaction.atomic():
+        ban.reason = reason
+        ban.expires_at = expires_at
+        ban.save(update_fields=["reason", "expires_at"])
+        if expires_at is not None and expires_at <= timezone.now():
+            kind, detail = ModerationAction.Kind.UNBAN, f"ended early: {reason}"
+        else:
+            until = f" until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+            kind, detail = ModerationAction.Kind.BAN, f"changed: {reason}{until}"
+        _record(
+            kind,
+            actor=actor,
+            room=ban.room,
+            target_user=ban.user,
+            detail=detail.strip(),
+        )
+    logger.info("ban of user %s in %s changed by %s", ban.user_id, ban.room_id, actor)
+    return ban
+
+
 def ban_lift(*, ban: RoomBan, actor: AbstractBaseUser | None) -> None:
     """Deletes a ban so the user may come back, and records who lifted it."""
     with transaction.atomic():

@@ -261,6 +261,43 @@ def test_records_the_chat_writes_cannot_be_added_or_edited(
 
 
 @pytest.mark.django_db
+def test_editing_a_ban_in_the_admin_is_recorded_and_an_end_in_the_past_lifts_it(
+    admin_client, admin_user, room, alice
+):
+    ban = moderation.user_ban(room=room, user=alice, actor=admin_user, reason="spam")
+    change = f"{BANS}{ban.pk}/change/"
+    later = timezone.now() + timedelta(days=2)
+    response = admin_client.post(
+        change,
+        {
+            "reason": "spam, twice",
+            "expires_at_0": f"{later:%Y-%m-%d}",
+            "expires_at_1": f"{later:%H:%M:%S}",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    ban.refresh_from_db()
+    assert ban.reason == "spam, twice"
+    assert moderation.banned_pairs([(room, alice)])
+    earlier = timezone.now() - timedelta(minutes=5)
+    admin_client.post(
+        change,
+        {
+            "reason": "served",
+            "expires_at_0": f"{earlier:%Y-%m-%d}",
+            "expires_at_1": f"{earlier:%H:%M:%S}",
+        },
+    )
+    assert not moderation.banned_pairs([(room, alice)])
+    records = ModerationAction.objects.order_by("created_at", "pk")
+    assert [(r.kind, r.actor_id, r.detail.split(":")[0]) for r in records] == [
+        ("ban", admin_user.pk, "spam"),
+        ("ban", admin_user.pk, "changed"),
+        ("unban", admin_user.pk, "ended early"),
+    ]
+
+
+@pytest.mark.django_db
 def test_admin_refuses_an_invalid_room_name(admin_client):
     response = admin_client.post(f"{ROOMS}add/", {"slug": "Upper"})
     assert response.status_code == 200 and "lower-case" in response.content.decode()
