@@ -127,6 +127,27 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DEBUG is off")
     SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
 
+# Behind TLS (nginx terminating HTTPS, X-Forwarded-Proto set): one switch for
+# secure cookies, HSTS and the redirect to https. Off by default, since `make
+# run` and the tests speak plain HTTP.
+HTTPS = env_bool("DJANGO_HTTPS", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    # Preloading is a promise to browsers that is slow to take back: its own
+    # switch, and its deploy check is silenced while it is off.
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+# Django's defaults, spelled out: nosniff, same-origin referrers, no framing.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
@@ -146,6 +167,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First, so that it also sees the answers Django makes before a view runs.
     "chat.api.json_errors_middleware",
+    "chatproject.security.content_security_policy_middleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from STATIC_ROOT, so a worker with DEBUG off needs no
     # nginx in front for its pages to work (DEBUG: asgi.py serves them).
