@@ -14,10 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
-from django.utils.decorators import sync_and_async_middleware
 from django.views.decorators.csrf import csrf_exempt
 
 from chat import moderation, protocol, services, tokens
@@ -431,19 +429,3 @@ def as_api_error(request: HttpRequest, response: Any) -> Any:
         if name in response:
             answer[name] = response[name]
     return answer
-
-
-@sync_and_async_middleware
-def json_errors_middleware(get_response):
-    """Outermost middleware: see as_api_error."""
-    if iscoroutinefunction(get_response):
-
-        async def middleware(request: HttpRequest):
-            return as_api_error(request, await get_response(request))
-
-    else:
-
-        def middleware(request: HttpRequest):
-            return as_api_error(request, get_response(request))
-
-    return middleware

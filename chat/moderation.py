@@ -177,17 +177,20 @@ def user_ban(
         ban.expires_at = expires_at
         ban.created_by = actor
         ban.save()
-        until = f" until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
         _record(
             ModerationAction.Kind.BAN,
             actor=actor,
             room=room,
             target_user=user,
-            detail=f"{reason}{until}".strip(),
+            detail=f"{reason}{_until(expires_at)}".strip(),
         )
         transaction.on_commit(lambda: send_kick(user.pk, room.slug), robust=True)
     logger.info("user %s banned from %s by %s", user.pk, room.slug, actor)
     return ban
+
+
+def _until(expires_at: datetime | None) -> str:
+    return f" until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
 
 
 def ban_change(
@@ -209,8 +212,8 @@ def ban_change(
         if expires_at is not None and expires_at <= timezone.now():
             kind, detail = ModerationAction.Kind.UNBAN, f"ended early: {reason}"
         else:
-            until = f" until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
-            kind, detail = ModerationAction.Kind.BAN, f"changed: {reason}{until}"
+            kind = ModerationAction.Kind.BAN
+            detail = f"changed: {reason}{_until(expires_at)}"
         _record(
             kind,
             actor=actor,

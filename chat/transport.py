@@ -18,12 +18,23 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from chat import protocol
+
 # The scope extension that carries the probe.
 EXTENSION = "chat.transport"
 
 # Codes a server may send that autobahn's sendClose refuses (1008: policy
 # violation; 1009: message too big; 1011: internal error).
-SERVER_CLOSE_CODES = frozenset({1001, 1008, 1009, 1011, 1012, 1013})
+SERVER_CLOSE_CODES = frozenset(
+    {
+        protocol.CLOSE_GOING_AWAY,
+        protocol.CLOSE_POLICY_VIOLATION,
+        1009,
+        1011,
+        protocol.CLOSE_SERVICE_RESTART,
+        protocol.CLOSE_TRY_AGAIN_LATER,
+    }
+)
 
 
 def server_close(protocol: Any, code: int | None = None) -> None:

@@ -166,8 +166,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     # First, so that it also sees the answers Django makes before a view runs.
-    "chat.api.json_errors_middleware",
-    "chatproject.security.content_security_policy_middleware",
+    "chatproject.middleware.api_json_errors",
+    "chatproject.middleware.content_security_policy",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from STATIC_ROOT, so a worker with DEBUG off needs no
     # nginx in front for its pages to work (DEBUG: asgi.py serves them).
