@@ -11,9 +11,11 @@ close code that says why, however many arrive at once.
 
 from __future__ import annotations
 
+from importlib import import_module
 from types import SimpleNamespace
 
 from channels.sessions import CookieMiddleware, SessionMiddleware
+from django.conf import settings
 from django.contrib import auth
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
@@ -31,3 +33,19 @@ def session_user(session) -> AbstractBaseUser | AnonymousUser:
     configured backend and still match the password hash the session holds.
     """
     return auth.get_user(SimpleNamespace(session=session))
+
+
+def still_signed_in(session_key: str | None, user_id: int) -> bool:
+    """Returns whether session `session_key` still signs in user `user_id`. Sync.
+
+    Reads the session afresh, as the next request would: a logout, a new
+    password (the session's hash no longer matches), deactivation or deletion
+    make it False. A socket given its user without a session (an embedding
+    app's own auth) is checked against the user row only.
+    """
+    if session_key is None:
+        User = auth.get_user_model()
+        return User._default_manager.filter(pk=user_id, is_active=True).exists()
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = session_user(session)
+    return user.is_authenticated and user.pk == user_id

@@ -24,9 +24,11 @@ LAYER_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
-# Channel-layer message types; ChatConsumer.chat_event and chat_kick handle them.
+# Channel-layer message types; ChatConsumer.chat_event, chat_kick and chat_revoke
+# handle them.
 CHAT_EVENT = "chat.event"
 CHAT_KICK = "chat.kick"
+CHAT_REVOKE = "chat.revoke"
 
 
 def _group_message(event: ServerEvent, exclude_channel: str | None) -> dict[str, Any]:
@@ -86,3 +88,18 @@ async def send_kick_async(user_id: int, room_slug: str) -> None:
 def send_kick(user_id: int, room_slug: str) -> None:
     """Sync form of send_kick_async."""
     async_to_sync(send_kick_async)(user_id, room_slug)
+
+
+def send_revoke(user_id: int, *, session_key: str | None = None) -> None:
+    """Tells every socket of one user, on every worker, that their sign-in changed.
+
+    With `session_key`, the sockets of that session close with 4401 (a
+    logout); without, each socket checks its own session again. Returns at
+    once in a worker, as broadcast_room does.
+    """
+    message: dict[str, Any] = {"type": CHAT_REVOKE}
+    if session_key is not None:
+        message["session"] = session_key
+    group = user_group_name(user_id)
+    if not sender.submit(group, message):
+        async_to_sync(get_channel_layer().group_send)(group, message)

@@ -61,6 +61,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     groups_joined: tuple[str, ...] = ()
     registered = False
     outbox: Outbox | None = None
+    user = None  # set once the handshake has read it
 
     # ------------------------------------------------------------------
     # Connection lifecycle
@@ -384,6 +385,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             reason,
         )
         await self.close(code=protocol.CLOSE_TOO_SLOW)
+
+    async def chat_revoke(self, message: dict) -> None:
+        """Called when this socket's user logged out or changed (chat.access)."""
+        if self.user is None:
+            return
+        session = self.scope.get("session")
+        session_key = session.session_key if session is not None else None
+        if "session" in message:
+            ended = message["session"] == session_key
+        else:
+            ended = not await database_sync_to_async(auth.still_signed_in)(
+                session_key, self.user.pk
+            )
+        if ended:
+            logger.info(
+                "closing socket of user %s in %s: signed out",
+                self.user.pk,
+                self.room.slug if self.room else "-",
+            )
+            await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
 
     async def chat_kick(self, message: dict) -> None:
         """Called when a moderator kicks or bans this socket's user from a room."""

@@ -164,6 +164,73 @@ async def test_too_many_sockets_of_one_user_close_with_4429(
 
 
 # ---------------------------------------------------------------------------
+# Access ends on open sockets (chat.access)
+# ---------------------------------------------------------------------------
+
+
+async def signed_in(connect, user, room: str = "lobby"):
+    """Signs `user` in over HTTP and opens a socket on that session."""
+    http = HttpClient()
+    await db(http.force_login, user)
+    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+    client, _ = await connect(None, room, headers=[ORIGIN, (b"cookie", cookie)])
+    return http, client
+
+
+async def test_logout_closes_the_sockets_of_that_session_with_4401(
+    connect, alice, room
+):
+    http, first = await signed_in(connect, alice)
+    second_tab, _ = await connect(
+        None,
+        headers=[ORIGIN, (b"cookie", f"sessionid={http.session.session_key}".encode())],
+    )
+    _, other_device = await signed_in(connect, alice)
+    await db(http.logout)
+    assert await first.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+    assert await second_tab.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+    # The other device's session was not logged out: it still chats.
+    await post(other_device, "still here")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            lambda u: (u.set_password("a-New-pass-43"), u.save()), id="password"
+        ),
+        pytest.param(
+            lambda u: (setattr(u, "is_active", False), u.save()), id="deactivated"
+        ),
+        pytest.param(lambda u: u.delete(), id="deleted"),
+    ],
+)
+async def test_a_change_that_ends_the_sign_in_closes_every_socket_with_4401(
+    connect, alice, bob, room, change
+):
+    _, laptop = await signed_in(connect, alice)
+    _, phone = await signed_in(connect, alice)
+    _, bystander = await signed_in(connect, bob)
+    await db(lambda: change(type(alice).objects.get(pk=alice.pk)))
+    assert await laptop.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+    assert await phone.receive_close() == protocol.CLOSE_NOT_SIGNED_IN
+    await post(bystander, "bob is unaffected")
+
+
+async def test_a_change_that_keeps_the_sign_in_keeps_the_socket(connect, alice, room):
+    _, socket = await signed_in(connect, alice)
+
+    def rename_and_sign_in_elsewhere() -> None:
+        user = type(alice).objects.get(pk=alice.pk)
+        user.first_name = "Alice"
+        user.save()
+        HttpClient().force_login(user)  # writes last_login
+
+    await db(rename_and_sign_in_elsewhere)
+    await post(socket, "still signed in")
+
+
+# ---------------------------------------------------------------------------
 # Messages
 # ---------------------------------------------------------------------------
 

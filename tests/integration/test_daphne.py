@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 from harness.client import ChatSocket
 from tests.conftest import assert_event
 from tests.integration.conftest import (
+    PASSWORD,
     PLAIN_DAPHNE_COMMAND,
     DaphneServer,
     HttpSession,
@@ -240,3 +241,64 @@ async def test_two_workers_share_one_database_and_redis(daphne_factory, ws_conne
     diff = await alice_ws.wait_presence(leaves=[bob.username])
     assert diff["members"] == 1
     assert alice_ws.view == {alice.username}
+
+
+def log_in(base_url: str, username: str) -> HttpSession:
+    """Signs in once more, as a second device would: a session of its own."""
+    session = HttpSession(base_url)
+    response = session.post_form(
+        "/accounts/login/", {"username": username, "password": PASSWORD}
+    )
+    assert response.status == 200 and session.cookie("sessionid"), response.text
+    return session
+
+
+def log_out(session: HttpSession) -> None:
+    """Logs out as the page's button does: a POST with the CSRF token."""
+    session.get("/chat/")
+    response = session.request(
+        "/accounts/logout/",
+        data={"csrfmiddlewaretoken": session.cookie("csrftoken")},
+        headers={"Referer": session.base_url + "/chat/"},
+    )
+    assert response.status == 200, response.text
+
+
+async def test_logout_and_a_new_password_close_sockets_on_every_worker(
+    daphne_factory, ws_connect
+):
+    """A session that ends closes its sockets with 4401 on whichever worker."""
+    redis_url = daphne_factory.new_redis_url()
+    one = daphne_factory(redis_url=redis_url)
+    two = daphne_factory(redis_url=redis_url, db_path=one.db_path)
+    alice = new_account(one.base_url, "alice")
+    laptop = signed_in_session(one.base_url, alice.sessionid)
+    phone = log_in(two.base_url, alice.username)
+
+    laptop_on_one = await ws_connect(one, "general", sessionid=alice.sessionid)
+    laptop_on_two = await ws_connect(two, "general", sessionid=alice.sessionid)
+    phone_on_two = await ws_connect(
+        two, "general", sessionid=phone.cookie("sessionid"), welcome=True
+    )
+    for socket in (laptop_on_one, laptop_on_two):
+        await socket.receive_type("welcome")
+
+    log_out(laptop)
+    for socket in (laptop_on_one, laptop_on_two):
+        code, _ = await socket.receive_close()
+        assert code == 4401
+    # The phone's session was not logged out.
+    await post(phone_on_two[0], "the phone still chats")
+
+    # A new password set through the other worker ends the phone's session too.
+    changed = signed_in_session(one.base_url, phone.cookie("sessionid")).post_form(
+        "/accounts/password_change/",
+        {
+            "old_password": PASSWORD,
+            "new_password1": "a-New-pass-43",
+            "new_password2": "a-New-pass-43",
+        },
+    )
+    assert changed.status == 200 and "password_change/done" in changed.url
+    code, _ = await phone_on_two[0].receive_close()
+    assert code == 4401
