@@ -19,7 +19,13 @@ from django.conf import settings
 from chat import auth, metrics, presence, protocol, services, transport, worker
 from chat.batching import DatabaseBatch, each
 from chat.broadcast import CHAT_EVENT, LAYER_ERRORS, broadcast_room_async
-from chat.limits import Throttle, TokenBucket, frame_limits
+from chat.limits import (
+    SharedRateLimit,
+    Throttle,
+    TokenBucket,
+    frame_limits,
+    shared_counts,
+)
 from chat.models import Room
 from chat.outbox import Outbox, OutboxLimits
 from chat.sender import sender
@@ -143,7 +149,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.limits = frame_limits()
-        self.post_rate = TokenBucket(
+        # Posts count per user, across all their sockets and workers;
+        # requests (history, members) per socket.
+        self.user_posts = SharedRateLimit(
+            "posts", settings.CHAT_RATE_MESSAGES, settings.CHAT_RATE_WINDOW_SECONDS
+        )
+        self.request_rate = TokenBucket(
             settings.CHAT_RATE_MESSAGES, settings.CHAT_RATE_WINDOW_SECONDS
         )
         self.typing_throttle = Throttle(settings.CHAT_TYPING_INTERVAL_SECONDS)
@@ -273,10 +284,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close(code=protocol.CLOSE_POLICY_VIOLATION)
 
     async def post_message(self, command: protocol.PostMessage) -> None:
-        if not self.post_rate.allow():
+        wait = await self.user_posts.acquire(
+            shared_counts(self.channel_layer), str(self.user.pk)
+        )
+        if wait is not None:
             raise protocol.ProtocolError(
                 protocol.ERROR_RATE_LIMITED,
-                f"too many messages; retry in {self.post_rate.retry_after():.1f} s",
+                f"too many messages; retry in {wait:.1f} s",
                 command.client_id,
             )
         message, created = await posts_stored(
@@ -305,11 +319,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
 
     def check_request_rate(self) -> None:
-        """Requests (history, members) share the posts' per-socket budget."""
-        if not self.post_rate.allow():
+        """Requests (history, members) have a per-socket budget of their own."""
+        if not self.request_rate.allow():
             raise protocol.ProtocolError(
                 protocol.ERROR_RATE_LIMITED,
-                f"too many requests; retry in {self.post_rate.retry_after():.1f} s",
+                f"too many requests; retry in {self.request_rate.retry_after():.1f} s",
             )
 
     async def send_history(self, command: protocol.HistoryRequest) -> None:

@@ -20,6 +20,7 @@ from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 
 from chat.batching import Batch
+from chat.limits import LocalWindowCounts
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,16 @@ class InMemoryHubLayer(HubLayerMixin, InMemoryChannelLayer):
 
     hub_upstream = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts = LocalWindowCounts()
+
+    async def window_count(
+        self, key: str, index: int, ttl: int, delta: int = 1
+    ) -> tuple[int, int]:
+        """The shared counter of chat.limits.SharedRateLimit: this process's."""
+        return await self.counts.window_count(key, index, ttl, delta)
+
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         self.require_valid_group_name(group)
         self.hub.dispatch(group, message)
@@ -277,6 +288,23 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
                     for target in targets if isinstance(targets, list) else [targets]:
                         self.receive_buffer[target].put_nowait(message)
             raise
+
+    async def window_count(
+        self, key: str, index: int, ttl: int, delta: int = 1
+    ) -> tuple[int, int]:
+        """The shared counter of chat.limits.SharedRateLimit, in the layer's Redis.
+
+        Every worker on this layer counts in the same keys: one round trip.
+        """
+        name = f"{self.prefix}:rate:{key}"
+        async with self.connection(self.consistent_hash(name)).pipeline(
+            transaction=False
+        ) as pipe:
+            pipe.get(f"{name}:{index - 1}")
+            pipe.incrby(f"{name}:{index}", delta)
+            pipe.expire(f"{name}:{index}", ttl)
+            previous, current, _ = await pipe.execute()
+        return int(previous or 0), int(current)
 
     async def upstream_group_add(self, group: str, channel: str) -> None:
         # Each socket joins its user's group: a storm of handshakes is as many

@@ -1,9 +1,12 @@
-"""Limits from settings, and per-socket rate limits with an injectable clock."""
+"""Limits from settings, per-socket rate limits, and the per-user one shared by
+every worker; all with an injectable clock."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from django.conf import settings
 
@@ -70,3 +73,96 @@ class Throttle:
             return False
         self.last = now
         return True
+
+
+class WindowCounts(Protocol):
+    """Where a SharedRateLimit counts: the channel layer (chat.hub) or this process."""
+
+    async def window_count(
+        self, key: str, index: int, ttl: int, delta: int = 1
+    ) -> tuple[int, int]:
+        """Adds `delta` to window `index` of `key`; returns (previous, current)."""
+
+
+class LocalWindowCounts:
+    """Window counts in this process: the in-memory layer's (`make run`)."""
+
+    PRUNE_EVERY = 1000
+
+    def __init__(self) -> None:
+        # key -> (window index, previous window's count, this window's count)
+        self._counts: dict[str, tuple[int, int, int]] = {}
+        self._adds = 0
+
+    async def window_count(
+        self, key: str, index: int, ttl: int, delta: int = 1
+    ) -> tuple[int, int]:
+        last = self._counts.get(key)
+        if last is None or last[0] < index - 1:
+            previous, current = 0, 0
+        elif last[0] == index - 1:
+            previous, current = last[2], 0
+        else:
+            previous, current = last[1], last[2]
+        current += delta
+        self._counts[key] = (index, previous, current)
+        self._adds += 1
+        if self._adds % self.PRUNE_EVERY == 0:
+            self._counts = {k: v for k, v in self._counts.items() if v[0] >= index - 1}
+        return previous, current
+
+
+class SharedRateLimit:
+    """`limit` actions per `window` seconds per key, counted where every worker sees it.
+
+    A sliding window estimated from two fixed ones (the current window's count
+    plus the previous one's, weighted by how much of it still overlaps), as
+    Redis rate limiters commonly do: one round trip, no burst of twice the
+    limit at a window's edge. A refused action is not counted.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        window_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.limit = limit
+        self.window = window_seconds
+        self.clock = clock
+
+    async def acquire(self, counts: WindowCounts, key: str) -> float | None:
+        """Counts one action for `key`: None if allowed, else the seconds to wait."""
+        if self.limit <= 0 or self.window <= 0:
+            return None
+        now = self.clock()
+        index = math.floor(now / self.window)
+        into = (now - index * self.window) / self.window
+        name = f"{self.name}:{key}"
+        ttl = math.ceil(self.window * 2) + 1
+        previous, current = await counts.window_count(name, index, ttl)
+        if previous * (1 - into) + current <= self.limit:
+            return None
+        await counts.window_count(name, index, ttl, delta=-1)
+        return self._retry_after(previous, current - 1, into)
+
+    def _retry_after(self, previous: int, current: int, into: float) -> float:
+        left = (1 - into) * self.window
+        if previous > 0:
+            # The previous window's share fades at previous / window per second.
+            needed = previous * (1 - into) + current + 1 - self.limit
+            wait = needed * self.window / previous
+            if wait <= left:
+                return wait
+        return left
+
+
+# For a channel layer that has no counter of its own: this process's.
+_process_counts = LocalWindowCounts()
+
+
+def shared_counts(layer: object) -> WindowCounts:
+    """Returns where `layer`'s workers share their counts (chat.hub's layers do)."""
+    return layer if hasattr(layer, "window_count") else _process_counts

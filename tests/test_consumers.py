@@ -427,6 +427,33 @@ async def test_flood_is_rate_limited_and_nothing_stored_twice(
     assert await stored_bodies() == ["m0", "m1", "m2"]
 
 
+async def rooms(*slugs: str) -> list[str]:
+    """Creates rooms besides the lobby, for sockets that must not hear each other."""
+    await db(lambda: [Room.objects.create(slug=slug) for slug in slugs])
+    return ["lobby", *slugs]
+
+
+async def stored_in_rooms() -> list[str]:
+    return await db(lambda: sorted(Message.objects.values_list("body", flat=True)))
+
+
+async def test_the_post_rate_limit_holds_per_user_across_sockets(
+    connect, alice, bob, room, settings
+):
+    settings.CHAT_RATE_MESSAGES = 3
+    settings.CHAT_RATE_WINDOW_SECONDS = 3600
+    sockets = [(await connect(alice, slug))[0] for slug in await rooms("r1", "r2")]
+    for n, socket in enumerate(sockets):
+        await post(socket, f"m{n}")
+    for socket in sockets:
+        await socket.send({"type": "message", "message": "more", "client_id": "x"})
+        await assert_error(socket, protocol.ERROR_RATE_LIMITED, ref="x")
+    # Another user's budget is their own.
+    b, _ = await connect(bob, "r1")
+    await post(b, "bob's turn")
+    assert await stored_in_rooms() == ["bob's turn", "m0", "m1", "m2"]
+
+
 # ---------------------------------------------------------------------------
 # Presence
 # ---------------------------------------------------------------------------
@@ -734,3 +761,19 @@ async def test_two_layer_instances_on_one_redis_fan_out(
     from_a = await post(a, "from the first worker")
     assert await b.receive() == from_a
     assert (from_a["seq"], from_b["seq"]) == (2, 1)
+
+
+async def test_the_post_rate_limit_is_shared_by_the_workers(
+    connect, second_worker, alice, room, settings
+):
+    settings.CHAT_RATE_MESSAGES = 2
+    settings.CHAT_RATE_WINDOW_SECONDS = 3600
+    lobby, other = await rooms("r1")
+    here, _ = await connect(alice, lobby)
+    there, _ = await second_worker.connect(alice, room=other)
+    await post(here, "one")
+    await post(there, "two")
+    for socket in (here, there):
+        await socket.send({"type": "message", "message": "three", "client_id": "c"})
+        await assert_error(socket, protocol.ERROR_RATE_LIMITED, ref="c")
+    assert await stored_in_rooms() == ["one", "two"]

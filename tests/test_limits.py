@@ -1,10 +1,10 @@
-"""Per-socket rate limits, driven by a fake clock."""
+"""Rate limits, per socket and per user, driven by a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from chat.limits import Throttle, TokenBucket
+from chat.limits import LocalWindowCounts, SharedRateLimit, Throttle, TokenBucket
 
 
 class FakeClock:
@@ -100,3 +100,48 @@ def test_dropped_actions_do_not_restart_the_interval(clock):
     clock.advance(0.5)
     assert throttle.allow()
     assert not throttle.allow()
+
+
+# ---------------------------------------------------------------------------
+# SharedRateLimit: the per-user limit every worker counts together
+# ---------------------------------------------------------------------------
+
+
+async def acquired(limit: SharedRateLimit, counts, times: int, key: str = "u1"):
+    return [await limit.acquire(counts, key) for _ in range(times)]
+
+
+async def test_a_shared_limit_allows_its_limit_then_says_how_long_to_wait(clock):
+    clock.now = 10_000.0  # the start of a window
+    limit, counts = SharedRateLimit("posts", 3, 10, clock=clock), LocalWindowCounts()
+    first = await acquired(limit, counts, 5)
+    assert first[:3] == [None, None, None]
+    # No previous window: the wait is the rest of this one.
+    assert first[3] == first[4] == pytest.approx(10.0)
+    # Another key has its own count.
+    assert await limit.acquire(counts, "u2") is None
+
+
+async def test_a_refused_action_is_not_counted(clock):
+    clock.now = 10_000.0
+    limit, counts = SharedRateLimit("posts", 2, 10, clock=clock), LocalWindowCounts()
+    await acquired(limit, counts, 50)  # a flood: 2 allowed, 48 refused
+    clock.advance(10)  # the next window; the previous one counts 2, not 50
+    # 2 * (1 - 0) from the window before: nothing yet.
+    assert await limit.acquire(counts, "u1") == pytest.approx(5.0)
+    clock.advance(5)  # half of it still overlaps: 2 * 0.5 = 1, so one more
+    assert await acquired(limit, counts, 2) == [None, pytest.approx(5.0)]
+
+
+async def test_a_window_edge_gives_no_burst_of_twice_the_limit(clock):
+    clock.now = 10_009.0  # a second before the window ends
+    limit, counts = SharedRateLimit("posts", 4, 10, clock=clock), LocalWindowCounts()
+    assert await acquired(limit, counts, 4) == [None] * 4
+    clock.advance(1.5)  # just past the edge: the 4 still weigh 3.8
+    assert [wait is None for wait in await acquired(limit, counts, 4)] == [False] * 4
+    # A fixed window would have let 4 more through here.
+
+
+async def test_a_limit_of_zero_turns_the_shared_limit_off(clock):
+    limit, counts = SharedRateLimit("posts", 0, 10, clock=clock), LocalWindowCounts()
+    assert await acquired(limit, counts, 100) == [None] * 100
