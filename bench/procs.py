@@ -138,6 +138,8 @@ def worker_env(db_path: Path, secret_key: str) -> dict[str, str]:
             "CHAT_RATE_MESSAGES": "100000000",
             "CHAT_RATE_WINDOW_SECONDS": "1",
             "CHAT_MAX_CONNECTIONS_PER_USER": "1000000",
+            # Every bench client connects from loopback.
+            "CHAT_MAX_CONNECTIONS_PER_ADDRESS": "0",
             "CHAT_DRAIN_SECONDS": "1",
         }
     )

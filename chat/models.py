@@ -101,7 +101,11 @@ class Connection(models.Model):
     peak_queued_events = models.PositiveIntegerField(default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["room", "user"], name="connection_room_user")]
+        indexes = [
+            models.Index(fields=["room", "user"], name="connection_room_user"),
+            # The per-address socket cap counts by it at every handshake.
+            models.Index(fields=["address"], name="connection_address"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.user} in {self.room} via {self.worker}"

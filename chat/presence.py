@@ -21,7 +21,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
@@ -36,7 +36,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class TooManyConnections(Exception):
-    """The user already has the allowed number of open sockets."""
+    """The user, or the client address, already has the allowed number of sockets."""
 
 
 # ---------------------------------------------------------------------------
@@ -205,15 +205,16 @@ def connection_open(
 
 
 def connections_open(
-    openings: list[SocketOpening], *, max_per_user: int
+    openings: list[SocketOpening], *, max_per_user: int, max_per_address: int = 0
 ) -> list[bool | TooManyConnections | Room.DoesNotExist]:
     """Records sockets that open together, in one transaction.
 
     For each, in order: True when it is its user's first socket in the room
     (the user then goes into the room's next presence diff), False when not,
     or the refusal (an exception, not raised): TooManyConnections when its
-    user has `max_per_user` sockets counting the ones before it here, or
-    Room.DoesNotExist when its room went away. The same handful of queries
+    user has `max_per_user` sockets counting the ones before it here, or its
+    client address has `max_per_address` (0: no cap) on every worker together,
+    or Room.DoesNotExist when its room went away. The same handful of queries
     for one socket or a hundred.
     """
     results: list[bool | TooManyConnections | Room.DoesNotExist] = []
@@ -237,6 +238,8 @@ def connections_open(
         ):
             sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
             online.add((user_id, room_id))
+        capped = max_per_address > 0
+        from_address = _sockets_per_address(openings) if capped else {}
         rows, firsts = [], []
         for opening in openings:
             room, user = locked.get(opening.room.pk), opening.user
@@ -246,7 +249,13 @@ def connections_open(
             if sockets_of.get(user.pk, 0) >= max_per_user:
                 results.append(TooManyConnections(user.get_username()))
                 continue
+            address = opening.address[:100]
+            if capped and address and from_address.get(address, 0) >= max_per_address:
+                results.append(TooManyConnections(address))
+                continue
             sockets_of[user.pk] = sockets_of.get(user.pk, 0) + 1
+            if capped and address:
+                from_address[address] = from_address.get(address, 0) + 1
             first = (user.pk, room.pk) not in online
             online.add((user.pk, room.pk))
             rows.append(
@@ -255,7 +264,7 @@ def connections_open(
                     user=user,
                     channel_name=opening.channel_name,
                     worker=WORKER_ID,
-                    address=opening.address[:100],
+                    address=address,
                 )
             )
             if first:
@@ -267,6 +276,21 @@ def connections_open(
                 lambda: [diffs.note(slug, name) for slug, name in firsts]
             )
     return results
+
+
+def _sockets_per_address(openings: list[SocketOpening]) -> dict[str, int]:
+    """Counts the live sockets of the openings' client addresses, in one query."""
+    addresses = {o.address[:100] for o in openings if o.address}
+    if not addresses:
+        return {}
+    counted = (
+        live_connections()
+        .filter(address__in=addresses)
+        .values("address")
+        .annotate(sockets=Count("pk"))
+        .order_by()
+    )
+    return {row["address"]: row["sockets"] for row in counted}
 
 
 def connection_close(*, channel_name: str) -> bool:

@@ -385,6 +385,7 @@ def sockets_open(
             for _, r, room in admitted
         ],
         max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+        max_per_address=settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS,
     )
     shared: dict = {}
     for (index, request, room), outcome in zip(admitted, recorded, strict=True):

@@ -578,3 +578,37 @@ def test_a_hundred_sockets_in_one_room_cost_the_queries_of_one(
         )
     assert all(not isinstance(o, services.SocketRefused) for o in outcomes)
     assert outcomes[-1][1]["member_count"] == 100
+
+
+def test_sockets_from_one_address_are_capped_on_every_worker_together(
+    room, make_user, settings
+):
+    from chat import protocol
+
+    settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS = 3
+    users = [make_user(f"user{n}") for n in range(5)]
+    # One socket of this address is held by another worker already.
+    presence.worker_heartbeat(worker_id="other-worker")
+    Connection.objects.create(
+        room=room,
+        user=users[0],
+        channel_name="elsewhere",
+        worker="other-worker",
+        address="10.0.0.7",
+    )
+    outcomes = services.sockets_open(
+        [
+            services.SocketRequest("lobby", users[1], "a", "10.0.0.7", None),
+            services.SocketRequest("lobby", users[2], "b", "10.0.0.7", None),
+            services.SocketRequest("lobby", users[3], "c", "10.0.0.7", None),
+            services.SocketRequest("lobby", users[4], "d", "10.0.0.8", None),
+        ]
+    )
+    refused = [getattr(o, "code", None) for o in outcomes]
+    assert refused == [None, None, protocol.CLOSE_TOO_MANY_CONNECTIONS, None]
+    # No cap: as many as the users' own caps allow.
+    settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS = 0
+    (outcome,) = services.sockets_open(
+        [services.SocketRequest("lobby", users[3], "c2", "10.0.0.7", None)]
+    )
+    assert not isinstance(outcome, services.SocketRefused)

@@ -6,10 +6,11 @@ the last one runs two workers on one SQLite file and one Redis.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from harness.client import ChatSocket
 from tests.conftest import assert_event
@@ -156,6 +157,35 @@ async def test_repeated_bad_frames_close_with_1008_under_either_command(
 # ---------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------
+
+
+async def test_sockets_from_one_address_over_the_cap_close_with_4429(
+    daphne_factory, ws_connect
+):
+    server = daphne_factory({"CHAT_MAX_CONNECTIONS_PER_ADDRESS": "2"})
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    first, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    # A third user, the same address (loopback): one too many.
+    carol = new_account(server.base_url, "carol")
+    third = await ws_connect(server, room, sessionid=carol.sessionid)
+    code, _ = await third.receive_close()
+    assert code == 4429
+    # A socket that closes makes room for the next, once its row is gone.
+    await first.close()
+    welcome = None
+    for _ in range(50):
+        again = await ws_connect(server, room, sessionid=carol.sessionid)
+        try:
+            welcome = await again.receive_type("welcome")
+            break
+        except ConnectionClosed as closed:
+            assert closed.rcvd.code == 4429
+        await asyncio.sleep(0.1)
+    assert welcome is not None, "carol was never let in after alice left"
+    assert "Traceback" not in server.output()
 
 
 async def test_anonymous_socket_is_closed_with_4401(daphne, ws_connect):

@@ -10,7 +10,7 @@ const CLOSE_REASONS = {
   4401: "You are signed out. Log in again to chat.",
   4403: "You were removed from this room, or are not allowed in it.",
   4404: "This room does not exist.",
-  4429: "Too many open chat tabs. Close one and reload.",
+  4429: "Too many open chat tabs, or too many from your network. Close one and reload.",
 };
 // Everything else reconnects with backoff and resumes with ?since: 1001
 // (worker going away), 1006 (dropped), 1009, 1012 (Redis restarted), 1013
