@@ -591,6 +591,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         "owner",
         "can_publish",
         "can_push",
+        "push_to",
         "room",
         "created_at",
         "last_used_at",
@@ -604,6 +605,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     search_fields = ["name", "prefix", "owner__username"]
     list_select_related = ["owner", "room"]
     raw_id_fields = ["owner"]
+    filter_horizontal = ["push_users"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke_tokens"]
 

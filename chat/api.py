@@ -62,6 +62,7 @@ ERROR_STATUS: dict[str, int] = {
     ERROR_INVALID_TOKEN: 401,
     tokens.FORBIDDEN_SCOPE: 403,
     tokens.FORBIDDEN_ROOM: 403,
+    tokens.FORBIDDEN_USER: 403,
     ERROR_UNKNOWN_ROOM: 404,
     ERROR_UNKNOWN_USER: 404,
     ERROR_NOT_FOUND: 404,
@@ -372,7 +373,7 @@ def _publish(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
 @api_endpoint("POST")
 def user_push(request: HttpRequest, token: ApiToken, username: str) -> JsonResponse:
     """POST /api/users/<username>/push/: an event to every socket of a user."""
-    tokens.api_token_check_push(token=token)
+    tokens.api_token_check_push(token=token, username=username)
     user = services.user_get(username=username)
     if user is None:
         raise ApiError(ERROR_UNKNOWN_USER, f"no user named {username[:150]!r}")

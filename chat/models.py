@@ -188,6 +188,26 @@ class ApiToken(models.Model):
     prefix = models.CharField(max_length=12, editable=False)
     can_publish = models.BooleanField(default=False, help_text="post into rooms")
     can_push = models.BooleanField(default=False, help_text="push events to users")
+    PUSH_TO_OWNER = "owner"
+    PUSH_TO_LISTED = "listed"
+    PUSH_TO_ANYONE = "anyone"
+    # Whom a push-scoped token may push to: by default only its owner.
+    push_to = models.CharField(
+        max_length=10,
+        choices=[
+            (PUSH_TO_OWNER, "the owner's own sockets"),
+            (PUSH_TO_LISTED, "the users listed below"),
+            (PUSH_TO_ANYONE, "any user"),
+        ],
+        default=PUSH_TO_OWNER,
+        help_text="whom this token may push to",
+    )
+    push_users = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="+",
+        help_text="the users it may push to, when restricted to a list",
+    )
     room = models.ForeignKey(
         Room,
         on_delete=models.CASCADE,

@@ -12,13 +12,15 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import caches
+from django.db import transaction
 from django.utils import timezone
 
 from chat.models import ApiToken, Room
@@ -60,6 +62,7 @@ class RateLimited(Exception):
 
 FORBIDDEN_SCOPE = "missing_scope"
 FORBIDDEN_ROOM = "room_not_allowed"
+FORBIDDEN_USER = "user_not_allowed"
 
 
 # ---------------------------------------------------------------------------
@@ -100,21 +103,30 @@ def api_token_create(
     name: str,
     can_publish: bool = False,
     can_push: bool = False,
+    push_to: str = ApiToken.PUSH_TO_OWNER,
+    push_users: Iterable[AbstractBaseUser] = (),
     room: Room | None = None,
     author_name: str = "",
 ) -> tuple[ApiToken, str]:
-    """Stores a new token; returns it and the raw token, which is not stored."""
+    """Stores a new token; returns it and the raw token, which is not stored.
+
+    A push-scoped token reaches its owner's own sockets unless `push_to` says
+    `listed` (the `push_users`) or `anyone`.
+    """
     token = ApiToken(
         owner=owner,
         name=name,
         can_publish=can_publish,
         can_push=can_push,
+        push_to=push_to,
         room=room,
         author_name=author_name,
     )
     raw = api_token_set_secret(token)
     token.full_clean()
-    token.save()
+    with transaction.atomic():
+        token.save()
+        token.push_users.set(push_users)
     logger.info("api token %s (%s) created for %s", token.pk, token.prefix, owner.pk)
     return token, raw
 
@@ -188,10 +200,26 @@ def api_token_readable_slug(*, token: ApiToken) -> str | None:
     return token.room.slug if token.room_id is not None else None
 
 
-def api_token_check_push(*, token: ApiToken) -> None:
-    """Raises TokenForbidden unless the token may push events to users."""
+def api_token_check_push(*, token: ApiToken, username: str) -> None:
+    """Raises TokenForbidden unless the token may push events to user `username`.
+
+    Decided on the name alone, before the user is looked up: a restricted
+    token learns nothing about which other names exist.
+    """
     if not token.can_push:
         raise TokenForbidden(FORBIDDEN_SCOPE, "this token has no push scope")
+    if token.push_to == ApiToken.PUSH_TO_ANYONE:
+        return
+    if token.push_to == ApiToken.PUSH_TO_OWNER:
+        if username == token.owner.get_username():
+            return
+        detail = "this token may push to its owner only"
+    else:
+        User = get_user_model()
+        if token.push_users.filter(**{User.USERNAME_FIELD: username}).exists():
+            return
+        detail = "this token may push to the users it lists only"
+    raise TokenForbidden(FORBIDDEN_USER, detail)
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from chat import tokens
-from chat.models import Room
+from chat.models import ApiToken, Room
 from harness.client import EventReader
 from harness.processes import RedisServer, free_port  # noqa: F401 (tests import them)
 
@@ -478,7 +478,7 @@ def make_token(alice) -> Callable[..., str]:
 
 @pytest.fixture
 def publisher(make_token, room) -> str:
-    return make_token(can_publish=True, can_push=True)
+    return make_token(can_publish=True, can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
 
 
 def assert_error(response, status: int, code: str) -> dict[str, Any]:

@@ -459,7 +459,13 @@ async def test_an_expired_ban_lets_the_user_back(connect, admin_user, bob, room)
 def test_admin_add_shows_the_raw_token_once(admin_client, alice, room, api):
     response = admin_client.post(
         TOKENS + "add/",
-        {"name": "ci", "owner": alice.pk, "can_publish": "on", "author_name": ""},
+        {
+            "name": "ci",
+            "owner": alice.pk,
+            "can_publish": "on",
+            "push_to": "owner",
+            "author_name": "",
+        },
         follow=True,
     )
     assert response.status_code == 200

@@ -201,7 +201,7 @@ def test_publish_into_a_closed_room_is_409(api, publisher, room):
 
 
 def test_publish_needs_the_publish_scope(api, make_token, room):
-    raw = make_token(can_push=True)
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     response = api.post(LOBBY_MESSAGES, {"message": "x"}, token=raw)
     assert_error(response, 403, tokens.FORBIDDEN_SCOPE)
     assert 'error="insufficient_scope"' in response["WWW-Authenticate"]
@@ -268,7 +268,7 @@ def test_timestamps_in_responses_are_utc(api, publisher, room):
 async def test_push_reaches_every_socket_of_the_user_and_no_one_else(
     connect, alice, bob, room, make_token
 ):
-    raw = await db(make_token, can_push=True)
+    raw = await db(make_token, can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     other = await db(Room.objects.create, slug="other")
     bob_lobby, _ = await connect(bob)
     alice_lobby, _ = await connect(alice)
@@ -289,7 +289,7 @@ async def test_push_reaches_every_socket_of_the_user_and_no_one_else(
 
 
 def test_push_to_a_user_with_no_socket_reaches_none(api, make_token, bob):
-    raw = make_token(can_push=True)
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     response = api.post("/api/users/bob/push/", {"event": "ping"}, token=raw)
     assert response.status_code == 202
     assert response.json() == {"sockets": 0}
@@ -299,7 +299,7 @@ def test_push_to_a_user_with_no_socket_reaches_none(api, make_token, bob):
     "data", [None, 0, "text", [1, {"a": None}], {"deep": {"x": 1}}]
 )
 def test_push_data_may_be_any_json(api, make_token, bob, data):
-    raw = make_token(can_push=True)
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     response = api.post("/api/users/bob/push/", {"event": "e", "data": data}, token=raw)
     assert response.status_code == 202
 
@@ -317,12 +317,12 @@ def test_push_data_may_be_any_json(api, make_token, bob, data):
     ],
 )
 def test_push_refuses_bad_fields(api, make_token, bob, data, code):
-    raw = make_token(can_push=True)
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     assert_error(api.post("/api/users/bob/push/", data, token=raw), 400, code)
 
 
 def test_push_to_an_unknown_or_disabled_user_is_404(api, make_token, make_user):
-    raw = make_token(can_push=True)
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     make_user("gone", is_active=False)
     for name in ("nobody", "gone"):
         response = api.post(f"/api/users/{name}/push/", {"event": "e"}, token=raw)
@@ -333,6 +333,38 @@ def test_push_needs_the_push_scope(api, make_token, bob):
     raw = make_token(can_publish=True)
     response = api.post("/api/users/bob/push/", {"event": "e"}, token=raw)
     assert_error(response, 403, tokens.FORBIDDEN_SCOPE)
+
+
+def test_a_new_push_token_reaches_its_owner_only(api, make_token, bob):
+    raw = make_token(can_push=True)  # alice's, with the default reach
+    own = api.post("/api/users/alice/push/", {"event": "e"}, token=raw)
+    assert own.status_code == 202, own.content
+    # Another user, or a name no one has: the same answer, so a restricted
+    # token cannot tell which names exist.
+    for name in ("bob", "nobody"):
+        response = api.post(f"/api/users/{name}/push/", {"event": "e"}, token=raw)
+        assert_error(response, 403, tokens.FORBIDDEN_USER)
+
+
+def test_a_push_token_restricted_to_listed_users_reaches_those_only(
+    api, make_token, bob, make_user
+):
+    carol = make_user("carol")
+    raw = make_token(
+        can_push=True, push_to=ApiToken.PUSH_TO_LISTED, push_users=[bob, carol]
+    )
+    for name in ("bob", "carol"):
+        response = api.post(f"/api/users/{name}/push/", {"event": "e"}, token=raw)
+        assert response.status_code == 202, response.content
+    for name in ("alice", "nobody"):  # not even its owner, unless listed
+        response = api.post(f"/api/users/{name}/push/", {"event": "e"}, token=raw)
+        assert_error(response, 403, tokens.FORBIDDEN_USER)
+
+
+def test_a_push_token_for_anyone_reaches_any_user(api, make_token, bob):
+    raw = make_token(can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
+    response = api.post("/api/users/bob/push/", {"event": "e"}, token=raw)
+    assert response.status_code == 202, response.content
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from chat import api as chat_api
 from chat import api_urls, protocol, services, tokens
-from chat.models import Room
+from chat.models import ApiToken, Room
 from chatproject.settings import channel_layers_from_env
 from tests.conftest import (
     LOBBY_MESSAGES,
@@ -187,7 +187,9 @@ def world(api, make_token, alice, bob, room, settings, monkeypatch) -> World:
         settings=settings,
         monkeypatch=monkeypatch,
         room=room,
-        full=make_token(can_publish=True, can_push=True),
+        full=make_token(
+            can_publish=True, can_push=True, push_to=ApiToken.PUSH_TO_ANYONE
+        ),
         reader=make_token(),
         restricted=make_token(can_publish=True, room=other),
     )
@@ -314,7 +316,7 @@ def test_the_response_check_refuses_what_the_spec_does_not_document(
     client, make_token, room, case
 ):
     (method, path, signed), tamper = TAMPERINGS[case]
-    raw = make_token(can_publish=True, can_push=True)
+    raw = make_token(can_publish=True, can_push=True, push_to=ApiToken.PUSH_TO_ANYONE)
     headers = {"Authorization": f"Bearer {raw}"} if signed else {}
     data = {"data": json.dumps({"message": "hi"}), "content_type": "application/json"}
     response = client.generic(

@@ -151,7 +151,7 @@ async def test_push_while_redis_is_down_is_a_503_with_retry_after(
 ):
     private_redis.stop()
     response = await api_post(
-        alice, "/api/users/bob/push/", {"event": "ping"}, can_push=True
+        alice, "/api/users/alice/push/", {"event": "ping"}, can_push=True
     )
     assert response.status_code == 503
     assert (response.json()["error"], response["Retry-After"]) == ("unavailable", "5")
