@@ -31,6 +31,9 @@ from chat.outbox import Outbox, OutboxLimits
 from chat.sender import sender
 
 logger = logging.getLogger(__name__)
+# Refusals and forced closes, each with who, from where and why; never a
+# message's text, a token or a session id.
+security_log = logging.getLogger("chat.security")
 
 
 def outbox_limits() -> OutboxLimits:
@@ -59,6 +62,14 @@ def _count_sent(frames: int, events: int) -> None:
 session_users = DatabaseBatch(each(auth.session_user))
 sockets_open = DatabaseBatch(services.sockets_open)
 posts_stored = DatabaseBatch(services.messages_post)
+
+
+# Why a handshake was refused, by its close code (services.SocketRefused).
+REFUSALS = {
+    protocol.CLOSE_NO_SUCH_ROOM: "no such room",
+    protocol.CLOSE_FORBIDDEN: "banned from the room",
+    protocol.CLOSE_TOO_MANY_CONNECTIONS: "too many sockets of the user or address",
+}
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -132,7 +143,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             user = await session_users(self.scope["session"])
             self.scope["user"] = user
         if user is None or not user.is_authenticated:
-            await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
+            await self.close_refused(protocol.CLOSE_NOT_SIGNED_IN, "not signed in")
             return
         try:
             await self.open_session(user)
@@ -144,10 +155,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def open_session(self, user) -> None:
         slug = self.scope["url_route"]["kwargs"]["room"]
-        if not protocol.is_valid_room_name(slug):
-            await self.close(code=protocol.CLOSE_NO_SUCH_ROOM)
-            return
         self.user = user
+        if not protocol.is_valid_room_name(slug):
+            await self.close_refused(protocol.CLOSE_NO_SUCH_ROOM, "invalid room name")
+            return
         self.limits = frame_limits()
         # Posts count per user, across all their sockets and workers;
         # requests (history, members) per socket.
@@ -189,7 +200,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         except services.SocketRefused as refused:
             await self.leave_groups()
-            await self.close(code=refused.code)
+            await self.close_refused(
+                refused.code, REFUSALS.get(refused.code, "refused")
+            )
             return
         self.registered = True
         worker.socket_opened(self)
@@ -270,18 +283,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.bad_frames.allow():
             await self.send_error(error)
             return
-        logger.warning(
-            "closing a socket of user %s: over %d bad frames in a minute",
-            self.user.pk,
-            settings.CHAT_BAD_FRAMES_PER_MINUTE,
-        )
         event = self.error_event(error)
         if self.outbox is not None and self.registered:
             # What was queued, then this error, then the close.
             await self.outbox.finish(protocol.encode(event))
         else:
             await self.send_direct(event)
-        await self.close(code=protocol.CLOSE_POLICY_VIOLATION)
+        await self.close_refused(
+            protocol.CLOSE_POLICY_VIOLATION,
+            f"over {settings.CHAT_BAD_FRAMES_PER_MINUTE} bad frames in a minute",
+        )
 
     async def post_message(self, command: protocol.PostMessage) -> None:
         wait = await self.user_posts.acquire(
@@ -413,17 +424,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 session_key, self.user.pk
             )
         if ended:
-            logger.info(
-                "closing socket of user %s in %s: signed out",
-                self.user.pk,
-                self.room.slug if self.room else "-",
+            await self.close_refused(
+                protocol.CLOSE_NOT_SIGNED_IN, "signed out", level=logging.INFO
             )
-            await self.close(code=protocol.CLOSE_NOT_SIGNED_IN)
 
     async def chat_kick(self, message: dict) -> None:
         """Called when a moderator kicks or bans this socket's user from a room."""
         if self.room is not None and message.get("room") == self.room.slug:
-            logger.info(
-                "closing socket of user %s in %s: kicked", self.user.pk, self.room.slug
+            await self.close_refused(
+                protocol.CLOSE_FORBIDDEN, "kicked", level=logging.INFO
             )
-            await self.close(code=protocol.CLOSE_FORBIDDEN)
+
+    async def close_refused(
+        self, code: int, reason: str, *, level: int = logging.WARNING
+    ) -> None:
+        """Closes with `code`, logging who, from where and why."""
+        headers = dict(self.scope.get("headers") or ())
+        security_log.log(
+            level,
+            "socket closed with %d (%s): user %s, address %s, origin %r, room %r",
+            code,
+            reason,
+            self.user.pk if self.user is not None else "-",
+            self.client_address() or "-",
+            headers.get(b"origin", b"").decode("latin-1"),
+            self.scope.get("url_route", {}).get("kwargs", {}).get("room", ""),
+        )
+        await self.close(code=code)

@@ -21,7 +21,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
@@ -229,17 +229,29 @@ def connections_open(
         }
         # The sockets count only while this worker's lease row exists.
         worker_heartbeat()
-        sockets_of: dict[int, int] = {}
-        online: set[tuple[int, int]] = set()
-        for user_id, room_id in (
-            live_connections()
-            .filter(user__in={o.user.pk for o in openings})
-            .values_list("user_id", "room_id")
-        ):
-            sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
-            online.add((user_id, room_id))
+        # One read for both caps: the sockets of these users, and those of
+        # these client addresses on every live worker.
+        users = {o.user.pk for o in openings}
         capped = max_per_address > 0
-        from_address = _sockets_per_address(openings) if capped else {}
+        addresses = (
+            {o.address[:100] for o in openings if o.address} if capped else set()
+        )
+        held = (
+            Q(user__in=users) | Q(address__in=addresses)
+            if addresses
+            else Q(user__in=users)
+        )
+        sockets_of: dict[int, int] = {}
+        from_address: dict[str, int] = {}
+        online: set[tuple[int, int]] = set()
+        for user_id, room_id, address in (
+            live_connections().filter(held).values_list("user_id", "room_id", "address")
+        ):
+            if user_id in users:
+                sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
+                online.add((user_id, room_id))
+            if address in addresses:
+                from_address[address] = from_address.get(address, 0) + 1
         rows, firsts = [], []
         for opening in openings:
             room, user = locked.get(opening.room.pk), opening.user
@@ -276,21 +288,6 @@ def connections_open(
                 lambda: [diffs.note(slug, name) for slug, name in firsts]
             )
     return results
-
-
-def _sockets_per_address(openings: list[SocketOpening]) -> dict[str, int]:
-    """Counts the live sockets of the openings' client addresses, in one query."""
-    addresses = {o.address[:100] for o in openings if o.address}
-    if not addresses:
-        return {}
-    counted = (
-        live_connections()
-        .filter(address__in=addresses)
-        .values("address")
-        .annotate(sockets=Count("pk"))
-        .order_by()
-    )
-    return {row["address"]: row["sockets"] for row in counted}
 
 
 def connection_close(*, channel_name: str) -> bool:

@@ -163,6 +163,40 @@ async def test_too_many_sockets_of_one_user_close_with_4429(
     assert await db(Connection.objects.count) == 2
 
 
+async def test_each_refusal_is_logged_with_who_where_and_why(
+    connect, alice, bob, room, caplog, settings
+):
+    from chat import moderation
+
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 1
+    await db(moderation.user_ban, room=room, user=bob, actor=None)
+    http = HttpClient()
+    await db(http.force_login, alice)
+    session_id = http.cookies["sessionid"].value
+    cookie = f"sessionid={session_id}".encode()
+    caplog.set_level("INFO", logger="chat.security")
+    refused = [
+        await connect(AnonymousUser(), welcome=False),
+        await connect(bob, welcome=False),
+        await connect(alice, "no-such-room", welcome=False),
+    ]
+    await connect(None, headers=[ORIGIN, (b"cookie", cookie)])
+    refused.append(await connect(alice, welcome=False))  # her second: one too many
+    for client in refused:
+        await client.receive_close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "chat.security"]
+    assert [line.split(" (")[1].split(")")[0] for line in lines] == [
+        "not signed in",
+        "banned from the room",
+        "no such room",
+        "too many sockets of the user or address",
+    ]
+    origin = ORIGIN[1].decode()
+    assert all(f"origin {origin!r}" in line for line in lines), lines
+    assert f"user {bob.pk}," in lines[1] and f"user {alice.pk}," in lines[3]
+    assert not any(session_id in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------
 # Access ends on open sockets (chat.access)
 # ---------------------------------------------------------------------------
