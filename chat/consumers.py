@@ -170,6 +170,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         self.typing_throttle = Throttle(settings.CHAT_TYPING_INTERVAL_SECONDS)
         self.bad_frames = TokenBucket(settings.CHAT_BAD_FRAMES_PER_MINUTE, 60)
+        # Posts refused for the rate limit, for a client that will not stop.
+        self.rate_refusals = TokenBucket(settings.CHAT_BAD_FRAMES_PER_MINUTE, 60)
 
         since = None
         try:
@@ -283,27 +285,38 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.bad_frames.allow():
             await self.send_error(error)
             return
+        await self.close_for_abuse(
+            error, f"over {settings.CHAT_BAD_FRAMES_PER_MINUTE} bad frames in a minute"
+        )
+
+    async def close_for_abuse(self, error: protocol.ProtocolError, reason: str) -> None:
+        """Sends the last error after what was queued, then closes with 1008."""
         event = self.error_event(error)
         if self.outbox is not None and self.registered:
             # What was queued, then this error, then the close.
             await self.outbox.finish(protocol.encode(event))
         else:
             await self.send_direct(event)
-        await self.close_refused(
-            protocol.CLOSE_POLICY_VIOLATION,
-            f"over {settings.CHAT_BAD_FRAMES_PER_MINUTE} bad frames in a minute",
-        )
+        await self.close_refused(protocol.CLOSE_POLICY_VIOLATION, reason)
 
     async def post_message(self, command: protocol.PostMessage) -> None:
         wait = await self.user_posts.acquire(
             shared_counts(self.channel_layer), str(self.user.pk)
         )
         if wait is not None:
-            raise protocol.ProtocolError(
+            error = protocol.ProtocolError(
                 protocol.ERROR_RATE_LIMITED,
                 f"too many messages; retry in {wait:.1f} s",
                 command.client_id,
             )
+            if self.rate_refusals.allow():
+                raise error
+            await self.close_for_abuse(
+                error,
+                f"over {settings.CHAT_BAD_FRAMES_PER_MINUTE} posts refused "
+                "for the rate limit in a minute",
+            )
+            return
         message, created = await posts_stored(
             services.Post(
                 room=self.room,

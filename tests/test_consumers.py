@@ -461,6 +461,25 @@ async def test_flood_is_rate_limited_and_nothing_stored_twice(
     assert await stored_bodies() == ["m0", "m1", "m2"]
 
 
+async def test_posting_on_over_the_rate_limit_closes_with_1008(
+    connect, alice, bob, room, settings
+):
+    settings.CHAT_RATE_MESSAGES = 2
+    settings.CHAT_RATE_WINDOW_SECONDS = 3600
+    settings.CHAT_BAD_FRAMES_PER_MINUTE = 3
+    a, _ = await connect(alice)
+    for n in range(2):
+        await post(a, f"m{n}")
+    for n in range(4):
+        await a.send({"type": "message", "message": "flood", "client_id": f"f{n}"})
+    for n in range(4):
+        await assert_error(a, protocol.ERROR_RATE_LIMITED, ref=f"f{n}")
+    assert await a.receive_close() == protocol.CLOSE_POLICY_VIOLATION
+    b, _ = await connect(bob)
+    await post(b, "bob is fine")
+    assert await stored_bodies() == ["m0", "m1", "bob is fine"]
+
+
 async def rooms(*slugs: str) -> list[str]:
     """Creates rooms besides the lobby, for sockets that must not hear each other."""
     await db(lambda: [Room.objects.create(slug=slug) for slug in slugs])
