@@ -79,6 +79,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     registered = False
     outbox: Outbox | None = None
     user = None  # set once the handshake has read it
+    # Set by close(): frames the client sent before it are not answered.
+    closing = False
 
     # ------------------------------------------------------------------
     # Connection lifecycle
@@ -246,6 +248,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         for group in groups:
             await self.channel_layer.group_discard(group, self.channel_name)
 
+    async def close(self, code=None, reason=None) -> None:
+        self.closing = True
+        await super().close(code=code, reason=reason)
+
     def client_address(self) -> str:
         client = self.scope.get("client")
         return client[0] if client else ""
@@ -256,7 +262,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         """Called with each client frame; any bad frame gets one `error` frame."""
-        if not self.registered:
+        if not self.registered or self.closing:
             return
         try:
             command = protocol.parse_client_frame(text_data, bytes_data, self.limits)
