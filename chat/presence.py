@@ -58,6 +58,13 @@ def live_connections() -> QuerySet:
     return Connection.objects.filter(worker__in=live_worker_ids())
 
 
+class _Lease:
+    """This process's lease: whether it has held one, and whether it was taken."""
+
+    held = False
+    taken = False
+
+
 def worker_heartbeat(
     *,
     worker_id: str = WORKER_ID,
@@ -65,6 +72,10 @@ def worker_heartbeat(
     slow_closes: int | None = None,
 ) -> None:
     """Renews this worker's lease (creating it on the first call).
+
+    A lease row that is gone after this process held one was swept by a live
+    peer (this worker stalled past its lease): its sockets' rows went with it,
+    and lease_taken() says so, once.
 
     Also stores, for the admin, the queue figures (channel -> (queued, peak))
     of sockets that changed and the worker's count of slow closes.
@@ -75,11 +86,26 @@ def worker_heartbeat(
         fields["slow_closes"] = slow_closes
     updated = Worker.objects.filter(id=worker_id).update(**fields)
     if not updated:
-        Worker.objects.get_or_create(id=worker_id, defaults=fields)
+        _, created = Worker.objects.get_or_create(id=worker_id, defaults=fields)
+        if created and worker_id == WORKER_ID and _Lease.held:
+            _Lease.taken = True
+    if worker_id == WORKER_ID:
+        _Lease.held = True
     for channel_name, (queued, peak) in (queue_figures or {}).items():
         Connection.objects.filter(channel_name=channel_name).update(
             queued_events=queued, peak_queued_events=peak
         )
+
+
+def lease_taken() -> bool:
+    """True (once) when this worker's lease was swept since the last call."""
+    taken, _Lease.taken = _Lease.taken, False
+    return taken
+
+
+def lease_forget() -> None:
+    """Forgets that this process held a lease (a test's database starts empty)."""
+    _Lease.held = _Lease.taken = False
 
 
 def workers_sweep() -> int:
@@ -91,16 +117,19 @@ def workers_sweep() -> int:
     thread that every handshake waits on). Safe to run from several workers
     at once.
     """
-    dead_workers = list(
-        Worker.objects.filter(heartbeat_at__lt=_lease_cutoff()).values_list(
-            "id", flat=True
-        )
-    )
-    # Rows of a worker with no lease row at all are dead too.
-    stale = Connection.objects.filter(
-        Q(worker__in=dead_workers) | ~Q(worker__in=Worker.objects.values("id"))
-    )
     with transaction.atomic():
+        # The lease rows go first, in the same transaction as their sockets:
+        # a stalled worker that wakes up now either renews in time (and keeps
+        # both) or finds its row gone (and knows its sockets were swept).
+        cutoff = _lease_cutoff()
+        dead_workers = list(
+            Worker.objects.filter(heartbeat_at__lt=cutoff).values_list("id", flat=True)
+        )
+        if dead_workers:
+            # Still past the lease as it is deleted: a renewal in between wins.
+            Worker.objects.filter(id__in=dead_workers, heartbeat_at__lt=cutoff).delete()
+        # Rows of a worker with no lease row at all are dead too.
+        stale = Connection.objects.filter(~Q(worker__in=Worker.objects.values("id")))
         rows = list(
             stale.values_list("room_id", "user_id", "room__slug", "user__username")
         )
@@ -123,10 +152,6 @@ def workers_sweep() -> int:
     # No group_discard for the dead sockets: with the hub their channels were
     # never in a layer group (their worker's was, until the group expiry), and
     # the pub/sub layer's subscriptions died with the process.
-    if dead_workers:
-        Worker.objects.filter(
-            id__in=dead_workers, heartbeat_at__lt=_lease_cutoff()
-        ).delete()
     if rows or dead_workers:
         logger.info(
             "swept %d socket(s) of dead worker(s) %s",

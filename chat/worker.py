@@ -229,6 +229,17 @@ async def _worker_loop() -> None:
             if not is_draining():
                 await report_send_queues()
             await database_sync_to_async(presence.workers_sweep)()
+            if presence.lease_taken():
+                # Stalled past the lease: a peer swept this worker's sockets
+                # (their users left). Serving them on would leave them out of
+                # presence for good; reconnecting puts them back.
+                closed = await close_all_sockets(CLOSE_SERVICE_RESTART)
+                logger.warning(
+                    "this worker's lease was taken while it stalled; "
+                    "closed %d socket(s) with %d to reconnect",
+                    closed,
+                    CLOSE_SERVICE_RESTART,
+                )
         except Exception:
             # A database outage must not end the loop: the lease is renewed
             # again once it answers.

@@ -91,13 +91,16 @@ async def channel_layer(request, settings) -> AsyncIterator[str]:
 
 @pytest.fixture(autouse=True)
 def presence_diffs(settings) -> Iterator[None]:
-    """Presence diffs start empty in every test and come quickly."""
+    """Presence diffs start empty in every test and come quickly; the worker's
+    lease starts unheld (each test's database starts without its row)."""
     from chat import presence
 
     settings.CHAT_PRESENCE_INTERVAL_MS = 50
     presence.diffs.reset()
+    presence.lease_forget()
     yield
     presence.diffs.reset()
+    presence.lease_forget()
 
 
 @pytest.fixture(scope="session", autouse=True)

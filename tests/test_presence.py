@@ -166,6 +166,18 @@ def test_heartbeat_renews_an_aged_lease(room, alice):
     assert members(room) == []
     presence.worker_heartbeat()
     assert members(room) == ["alice"]
+    assert presence.lease_taken() is False  # aged, but nobody swept it
+
+
+def test_a_worker_notices_once_that_its_lease_was_swept(room, alice):
+    presence.worker_heartbeat()
+    assert presence.lease_taken() is False  # a first lease is not a taken one
+    open_socket(room, alice, "a1")
+    kill_worker()  # stalled past the lease
+    assert presence.workers_sweep() == 1  # by a live peer
+    presence.worker_heartbeat()  # awake again: the row is gone
+    assert presence.lease_taken() is True
+    assert presence.lease_taken() is False
 
 
 @pytest.mark.django_db(transaction=True)

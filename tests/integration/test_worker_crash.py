@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from tests.integration.conftest import new_account
@@ -41,3 +43,41 @@ async def test_killed_workers_users_leave_within_twice_the_lease(
         one, "general", sessionid=alice.sessionid, welcome=True
     )
     assert welcome["members"] == [alice.username]
+
+
+async def test_a_stalled_worker_whose_lease_was_taken_closes_its_sockets_to_rejoin(
+    daphne_factory, ws_connect
+):
+    """A worker stopped past its lease is swept by a live one; when it runs again
+    it must not go on serving sockets the cluster has forgotten."""
+    redis_url = daphne_factory.new_redis_url()
+    env = {"CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS)}
+    one = daphne_factory(env, redis_url=redis_url)
+    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
+    alice = new_account(one.base_url, "alice")
+    bob = new_account(two.base_url, "bob")
+    alice_ws, _ = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
+    bob_ws, _ = await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
+    await alice_ws.wait_presence(joins=[bob.username])
+
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        await alice_ws.wait_presence(
+            leaves=[bob.username], timeout=LEASE_SECONDS * 2 + 6
+        )
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+
+    # Told to reconnect, as after a restart: the page does so and resumes.
+    code, _ = await bob_ws.receive_close(timeout=LEASE_SECONDS * 2 + 6)
+    assert code == 1012
+    bob_again, welcome = await ws_connect(
+        two, "general", sessionid=bob.sessionid, welcome=True
+    )
+    assert welcome["members"] == sorted([alice.username, bob.username])
+    await alice_ws.wait_presence(joins=[bob.username])
+    sent = await bob_again.post("back from the stall")
+    assert (await alice_ws.receive())["message"] == sent["message"]
+    assert "Traceback" not in two.output()
