@@ -175,9 +175,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Posts refused for the rate limit, for a client that will not stop.
         self.rate_refusals = TokenBucket(settings.CHAT_BAD_FRAMES_PER_MINUTE, 60)
 
-        since = None
+        since = deletions = None
+        query = self.scope.get("query_string", b"")
         try:
-            since = protocol.parse_since(self.scope.get("query_string", b""))
+            since = protocol.parse_since(query)
+            deletions = protocol.parse_since(query, "deletions")
         except protocol.ProtocolError as error:
             await self.send_direct(self.error_event(error))
 
@@ -200,6 +202,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     channel_name=self.channel_name,
                     address=self.client_address(),
                     since=since,
+                    deletions=deletions,
                 )
             )
         except services.SocketRefused as refused:

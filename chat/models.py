@@ -10,6 +10,9 @@ class Room(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # The seq of the newest message; bumped under a row lock so seqs have no holes.
     last_seq = models.PositiveBigIntegerField(default=0)
+    # Deletions so far: each deleted message gets the next number, so a page
+    # that resumes says the last one it saw and learns the ones it missed.
+    deletions = models.PositiveBigIntegerField(default=0)
     last_message_at = models.DateTimeField(null=True, blank=True)
     # A closed room can be read but not posted to (moderation).
     is_closed = models.BooleanField(default=False)
@@ -42,6 +45,8 @@ class Message(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # Soft delete: the row and its seq stay, so seqs keep no holes.
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # The room's deletion number of this message's deletion (Room.deletions).
+    deletion = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     deleted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,
@@ -54,6 +59,11 @@ class Message(models.Model):
         ordering = ["room", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["room", "seq"], name="message_room_seq"),
+            models.UniqueConstraint(
+                fields=["room", "deletion"],
+                condition=Q(deletion__isnull=False),
+                name="message_room_deletion",
+            ),
             # A retried send carries the same client_id: it must not be stored twice.
             models.UniqueConstraint(
                 fields=["room", "user", "client_id"],

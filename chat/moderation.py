@@ -62,9 +62,15 @@ def message_delete(*, message: Message, actor: AbstractBaseUser | None) -> bool:
         )
         if locked.deleted_at is not None:
             return False
+        # The room's next deletion number, under the room's row lock (the
+        # lock posts take for their seq).
+        room = Room.objects.select_for_update().get(pk=locked.room_id)
+        room.deletions += 1
+        room.save(update_fields=["deletions"])
         locked.deleted_at = timezone.now()
         locked.deleted_by = actor
-        locked.save(update_fields=["deleted_at", "deleted_by"])
+        locked.deletion = room.deletions
+        locked.save(update_fields=["deleted_at", "deleted_by", "deletion"])
         _record(
             ModerationAction.Kind.DELETE_MESSAGE,
             actor=actor,
@@ -74,7 +80,9 @@ def message_delete(*, message: Message, actor: AbstractBaseUser | None) -> bool:
             detail=f"#{locked.seq} by {locked.author}: {locked.body[:200]}",
         )
         slug = locked.room.slug
-        event = protocol.event_deleted(id=locked.pk, seq=locked.seq)
+        event = protocol.event_deleted(
+            id=locked.pk, seq=locked.seq, deletion=locked.deletion
+        )
         transaction.on_commit(lambda: broadcast_room(slug, event), robust=True)
     logger.info("message %s deleted by %s", message.pk, actor)
     return True

@@ -284,17 +284,22 @@ def parse_client_frame(
     raise ProtocolError(ERROR_UNKNOWN_TYPE, f"unknown frame type {shown[:64]!r}")
 
 
-def parse_since(query_string: bytes | str) -> int | None:
-    """Returns the `since` seq of a connect URL's query string (None if absent)."""
+def parse_since(query_string: bytes | str, name: str = "since") -> int | None:
+    """Returns the `since` seq of a connect URL's query string (None if absent).
+
+    `name="deletions"` reads the last deletion number a resuming page saw.
+    """
     if isinstance(query_string, bytes):
         query_string = query_string.decode("latin-1")
-    values = parse_qs(query_string).get("since")
+    values = parse_qs(query_string).get(name)
     if not values:
         return None
     value = values[-1]
     # str.isdigit accepts non-ASCII digits; the seq is plain ASCII.
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise ProtocolError(ERROR_INVALID_SINCE, "since must be a non-negative integer")
+        raise ProtocolError(
+            ERROR_INVALID_SINCE, f"{name} must be a non-negative integer"
+        )
     return int(value)
 
 
@@ -328,6 +333,8 @@ class WelcomeEvent(TypedDict):
     messages: list[MessageEvent]
     has_more: bool
     closed: bool
+    deletions: int
+    deleted: list[DeletedRef]
 
 
 class MembersEvent(TypedDict):
@@ -358,6 +365,12 @@ class TypingEvent(TypedDict):
 
 class DeletedEvent(TypedDict):
     type: Literal["deleted"]
+    id: int
+    seq: int
+    deletion: int
+
+
+class DeletedRef(TypedDict):
     id: int
     seq: int
 
@@ -440,11 +453,15 @@ def event_welcome(
     messages: list[MessageEvent],
     has_more: bool,
     closed: bool = False,
+    deletions: int = 0,
+    deleted: list[DeletedRef] | None = None,
 ) -> WelcomeEvent:
     """Returns the `welcome` event sent right after a socket is accepted.
 
     `members` is the first page of the sorted member list; `member_count`
     counts them all, and `members_more` says a `members` request gets more.
+    `deletions` is the room's last deletion number; `deleted`, on a resume
+    that gave the last one it saw, the messages deleted since.
     """
     return {
         "type": "welcome",
@@ -456,6 +473,8 @@ def event_welcome(
         "messages": messages,
         "has_more": has_more,
         "closed": closed,
+        "deletions": deletions,
+        "deleted": deleted or [],
     }
 
 
@@ -493,9 +512,12 @@ def event_typing(*, user: str) -> TypingEvent:
     return {"type": "typing", "user": user}
 
 
-def event_deleted(*, id: int, seq: int) -> DeletedEvent:
-    """Returns a `deleted` event: a moderator removed a message."""
-    return {"type": "deleted", "id": id, "seq": seq}
+def event_deleted(*, id: int, seq: int, deletion: int) -> DeletedEvent:
+    """Returns a `deleted` event: a moderator removed a message.
+
+    `deletion` is its number among the room's deletions (Room.deletions).
+    """
+    return {"type": "deleted", "id": id, "seq": seq, "deletion": deletion}
 
 
 def event_room_state(*, closed: bool) -> RoomStateEvent:

@@ -283,10 +283,15 @@ def room_welcome(
     since: int | None,
     page_size: int,
     resume_max: int,
+    deletions: int | None = None,
     members_page: int | None = None,
     shared: dict | None = None,
 ) -> protocol.WelcomeEvent:
     """Returns the `welcome` event: members and the backlog (or what was missed).
+
+    A resume that gives the last deletion number it saw (`deletions`) also
+    gets the messages up to `since` deleted after it: a `deleted` event it
+    missed (sent while Redis was away, or while the page was) is not lost.
 
     The member list is the first `members_page` of them (default
     CHAT_MEMBERS_PAGE); a client asks for the rest with `members`. Welcomes
@@ -312,6 +317,11 @@ def room_welcome(
             presence.room_member_count(room=room) if more else len(members),
         )
     members, member_count = shared[key]
+    deleted = []
+    if since is not None and deletions is not None and deletions < room.deletions:
+        deleted = deleted_since(
+            room=room, deletions=deletions, up_to_seq=since, limit=resume_max
+        )
     return protocol.event_welcome(
         room=room.slug,
         user=user.get_username(),
@@ -320,7 +330,25 @@ def room_welcome(
         messages=page.events,
         has_more=page.has_more,
         closed=room.is_closed,
+        deletions=room.deletions,
+        deleted=deleted,
     )
+
+
+def deleted_since(
+    *, room: Room, deletions: int, up_to_seq: int, limit: int
+) -> list[protocol.DeletedRef]:
+    """Returns the messages up to `up_to_seq` deleted after deletion `deletions`.
+
+    The latest `limit` of them; older ones a page that was away that long
+    reloads anyway (its resume got only the latest messages too).
+    """
+    rows = (
+        Message.objects.filter(room=room, deletion__gt=deletions, seq__lte=up_to_seq)
+        .order_by("-deletion")
+        .values_list("pk", "seq")[:limit]
+    )
+    return [{"id": pk, "seq": seq} for pk, seq in reversed(rows)]
 
 
 def room_members_page(*, room: Room, after: str | None) -> protocol.MembersEvent:
@@ -341,13 +369,15 @@ class SocketRefused(Exception):
 
 @dataclass(frozen=True)
 class SocketRequest:
-    """A socket asking to open: who, where, from which address, since which seq."""
+    """A socket asking to open: who, where, from which address, since which seq
+    (and since which deletion, on a resume)."""
 
     slug: str
     user: AbstractBaseUser
     channel_name: str
     address: str = ""
     since: int | None = None
+    deletions: int | None = None
 
 
 def sockets_open(
@@ -400,6 +430,7 @@ def sockets_open(
                     room=room,
                     user=request.user,
                     since=request.since,
+                    deletions=request.deletions,
                     page_size=settings.CHAT_HISTORY_PAGE,
                     resume_max=settings.CHAT_RESUME_MAX,
                     shared=shared,

@@ -478,7 +478,7 @@ SAMPLE_EVENTS = [
     protocol.event_history(before=3, messages=[SAMPLE_MESSAGE], has_more=False),
     protocol.event_presence(joins=["bob"], leaves=[], members=2),
     protocol.event_typing(user="bob"),
-    protocol.event_deleted(id=7, seq=3),
+    protocol.event_deleted(id=7, seq=3, deletion=1),
     protocol.event_room_state(closed=True),
     protocol.event_push(event="build.finished", data={"ok": True}),
     protocol.event_error("bad_json", "nope"),

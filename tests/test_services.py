@@ -376,8 +376,38 @@ def test_welcome_without_since_sends_members_and_latest_page(five, alice, bob):
         "members_more": False,
         "has_more": True,
         "closed": False,
+        "deletions": 0,
+        "deleted": [],
     }
     assert [m["seq"] for m in event["messages"]] == [4, 5]
+
+
+def test_a_resume_learns_the_deletions_it_missed(five, alice):
+    from chat import moderation
+
+    by_seq = {m.seq: m for m in Message.objects.filter(room=five)}
+    moderation.message_delete(message=by_seq[2], actor=None)  # seen by the page
+    seen = welcome(Room.objects.get(pk=five.pk), alice, since=5)["deletions"]
+    assert seen == 1
+    # The page goes away; two more are deleted, one of them after it left.
+    moderation.message_delete(message=by_seq[4], actor=None)
+    moderation.message_delete(message=by_seq[1], actor=None)
+    event = services.room_welcome(
+        room=Room.objects.get(pk=five.pk),
+        user=alice,
+        since=5,
+        deletions=seen,
+        page_size=2,
+        resume_max=10,
+    )
+    assert event["deleted"] == [
+        {"id": by_seq[4].pk, "seq": 4},
+        {"id": by_seq[1].pk, "seq": 1},
+    ]
+    assert event["deletions"] == 3
+    # A page that gives no deletion number (a first connect, an old client)
+    # gets none: it has shown nothing that could be stale.
+    assert welcome(Room.objects.get(pk=five.pk), alice, since=5)["deleted"] == []
 
 
 def test_welcome_lists_a_bounded_page_of_members(five, make_user, settings):

@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from harness.client import ChatSocket
+from harness.processes import RedisServer
 from tests.conftest import assert_event
 from tests.integration.conftest import (
     PASSWORD,
@@ -332,3 +333,59 @@ async def test_logout_and_a_new_password_close_sockets_on_every_worker(
     assert changed.status == 200 and "password_change/done" in changed.url
     code, _ = await phone_on_two[0].receive_close()
     assert code == 4401
+
+
+# ---------------------------------------------------------------------------
+# Moderation across a Redis restart
+# ---------------------------------------------------------------------------
+
+DELETE_SCRIPT = """
+from chat import moderation
+from chat.models import Message
+message = Message.objects.get(room__slug={room!r}, seq={seq})
+moderation.message_delete(message=message, actor=None)
+"""
+
+
+async def test_a_deletion_lost_while_redis_was_away_reaches_the_resuming_page(
+    daphne_factory, ws_connect
+):
+    redis = RedisServer()
+    redis.start()
+    try:
+        server = daphne_factory(redis_url=redis.url)
+        room = new_room(server)
+        alice = new_account(server.base_url, "alice")
+        socket, welcome = await ws_connect(
+            server, room, sessionid=alice.sessionid, welcome=True
+        )
+        seen = welcome["deletions"]
+        posted = [await post(socket, f"m{n}") for n in range(3)]
+
+        redis.stop()
+        code, _ = await socket.receive_close(timeout=30)
+        assert code == 1013
+        # A moderator deletes m1 meanwhile: stored, but its live event has no
+        # Redis to go through, and the page was away anyway.
+        server.manage("shell", "-c", DELETE_SCRIPT.format(room=room, seq=2))
+        redis.start()
+
+        # Reconnect as the page does, until the worker has Redis back.
+        query = f"since={posted[-1]['seq']}&deletions={seen}"
+        welcome = None
+        for _ in range(100):
+            again = await ws_connect(
+                server, room, sessionid=alice.sessionid, query=query
+            )
+            frame = await again.receive()
+            if frame["type"] == "welcome":
+                welcome = frame
+                break
+            assert frame["code"] == "unavailable", frame
+            await asyncio.sleep(0.2)
+        assert welcome is not None, "the worker never took sockets again"
+        assert welcome["deleted"] == [{"id": posted[1]["id"], "seq": 2}]
+        assert welcome["deletions"] == seen + 1
+        assert welcome["messages"] == []
+    finally:
+        redis.stop()

@@ -31,6 +31,7 @@ const OFFLINE = "Offline: waiting for the network…";
 // Returns the room's connection; nothing is opened until start().
 //
 // room: the room's slug. since(): the last seq received, for ?since=.
+// deletions(): the last deletion number seen, for &deletions= on a resume.
 // statusText, reconnectNow: the status line's text and its button.
 // onEvents(events, isCurrent): the events of one server frame, in order;
 //   isCurrent() turns false once this socket has been given up on.
@@ -41,6 +42,7 @@ const OFFLINE = "Offline: waiting for the network…";
 export function createConnection({
   room,
   since,
+  deletions,
   statusText,
   reconnectNow,
   onEvents,
@@ -59,7 +61,9 @@ export function createConnection({
   function socketUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const last = since();
-    const query = last > 0 ? "?since=" + last : "";
+    let query = last > 0 ? "?since=" + last : "";
+    const seen = deletions ? deletions() : null;
+    if (query && seen !== null) query += "&deletions=" + seen;
     return scheme + "//" + location.host + "/ws/chat/" + encodeURIComponent(room) + "/" + query;
   }
 

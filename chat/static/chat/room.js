@@ -79,9 +79,22 @@ export function initRoom(roomEl) {
       composer.giveBack(text);
     },
   });
+  // The room's deletions seen, by number: a resume sends the last of the
+  // unbroken run, and its welcome lists the deletions missed since, so one
+  // lost `deleted` event (Redis away, the page offline) is not lost for good.
+  let deletionsSeen = null;
+  const deletionsAhead = new Set();
+  function onDeleted(frame) {
+    timeline.deleted(frame);
+    if (deletionsSeen === null || frame.deletion <= deletionsSeen) return;
+    deletionsAhead.add(frame.deletion);
+    while (deletionsAhead.delete(deletionsSeen + 1)) deletionsSeen += 1;
+  }
+
   const connection = createConnection({
     room: roomEl.dataset.room,
     since: timeline.lastSeq,
+    deletions: () => deletionsSeen,
     statusText: byId("status-text"),
     reconnectNow: byId("reconnect-now"),
     onEvents: handleAll,
@@ -152,7 +165,7 @@ export function initRoom(roomEl) {
       case "typing":
         return typing.show(frame.user);
       case "deleted":
-        return timeline.deleted(frame);
+        return onDeleted(frame);
       case "room":
         return setReadOnly(Boolean(frame.closed));
       case "push":
@@ -168,6 +181,9 @@ export function initRoom(roomEl) {
   function onWelcome(frame) {
     const resumed = timeline.lastSeq() > 0;
     connection.welcomed();
+    for (const gone of frame.deleted || []) timeline.deleted(gone);
+    deletionsSeen = frame.deletions;
+    deletionsAhead.clear();
     members.welcome(frame);
     setReadOnly(Boolean(frame.closed));
     if (!resumed) backlog.setHasMore(frame.has_more);
