@@ -12,12 +12,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat import transport  # noqa: E402
 from chat.auth import SocketAuthStack  # noqa: E402
+from chat.origins import OriginValidator  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
 # Under daphne (plain or the launcher), lets each socket see its transport's
@@ -30,11 +30,10 @@ http_app = (
     ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
 )
 
+
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(
-            SocketAuthStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": OriginValidator(SocketAuthStack(URLRouter(websocket_urlpatterns))),
     }
 )
