@@ -11,6 +11,11 @@ WebSocket library (autobahn) lets an application close only with 1000 or
 3000-4999, but RFC 6455 reserves 1001 (going away), 1011, 1012 (restart) and
 1013 (try again later) for exactly that, and a page that never hears them
 stays on a socket that no longer gets its room's messages.
+
+And it makes autobahn fail a connection the way RFC 6455 (section 7.1.7) says
+it should: a close frame with the reason's code (1002 protocol error, 1007
+invalid UTF-8, 1009 too big) before the TCP connection ends, where daphne's
+factory would drop it without a word and the client sees only 1006.
 """
 
 from __future__ import annotations
@@ -105,6 +110,27 @@ def _install_eager_writes() -> None:
     tcp.Connection.write = write
 
 
+def _install_close_on_failure() -> None:
+    """Makes every daphne WebSocket factory fail connections with a close frame.
+
+    autobahn's servers default to failByDrop: a frame over the size limit or a
+    broken one ends the TCP connection at once. daphne sets its options when it
+    builds the factory, after the application (this module) is imported.
+    """
+    from daphne.ws_protocol import WebSocketFactory
+
+    if getattr(WebSocketFactory.setProtocolOptions, "chat_close_on_failure", False):
+        return
+    set_options = WebSocketFactory.setProtocolOptions
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("failByDrop", False)
+        set_options(self, *args, **kwargs)
+
+    setProtocolOptions.chat_close_on_failure = True
+    WebSocketFactory.setProtocolOptions = setProtocolOptions
+
+
 def install() -> bool:
     """Adds the probe to every WebSocket scope daphne builds; True if daphne is here."""
     try:
@@ -115,6 +141,7 @@ def install() -> bool:
 
     WebSocketProtocol.serverClose = server_close
     _install_eager_writes()
+    _install_close_on_failure()
     if getattr(Server.create_application, "chat_probe", False):
         return True
     create_application = Server.create_application
