@@ -128,3 +128,34 @@ def test_every_path_in_architecture_exists(path):
     assert found and all(p.exists() for p in found), (
         f"ARCHITECTURE.md names {path}: no such file"
     )
+
+
+# ---------------------------------------------------------------------------
+# docs/security.md
+# ---------------------------------------------------------------------------
+
+SECURITY = (REPO_ROOT / "docs" / "security.md").read_text()
+TEST_SOURCES = "\n".join(p.read_text() for p in (REPO_ROOT / "tests").rglob("*.py"))
+
+
+def security_tests() -> list[str]:
+    # Test names, not the test files of paths (`tests/test_api.py`).
+    return sorted(set(re.findall(r"(?<![/\w])(test_\w+)(?![\w.])", SECURITY)))
+
+
+def test_the_security_doc_names_its_tests():
+    assert len(security_tests()) >= 40, security_tests()
+
+
+@pytest.mark.parametrize("name", security_tests())
+def test_every_test_the_security_doc_names_exists(name):
+    assert re.search(rf"def {name}\b", TEST_SOURCES), (
+        f"docs/security.md names {name}: no such test"
+    )
+
+
+@pytest.mark.parametrize(
+    "path", sorted(set(re.findall(r"`(tests/[\w/]+\.py)", SECURITY)))
+)
+def test_every_test_file_the_security_doc_names_exists(path):
+    assert (REPO_ROOT / path).exists(), f"docs/security.md names {path}"
