@@ -142,7 +142,9 @@ def test_a_resume_that_missed_too_much_fills_the_rest_within_the_limit(
     post_messages(server, bob, room, missed)
     context.set_offline(False)
     wait_connected(page, timeout=RECONNECT_MS)
-    assert re.search(r"\?since=1$", relay.routes[-1].url), relay.routes[-1].url
+    assert re.search(r"\?since=1&deletions=0$", relay.routes[-1].url), relay.routes[
+        -1
+    ].url
 
     wanted = ["first", *missed]
     wait_for_texts(page, wanted)

@@ -334,7 +334,9 @@ def test_a_too_slow_close_reconnects_and_resumes(browsing, server):
     expect(page.locator("#status-text")).not_to_contain_text("Disconnected")
     wait_connected(page, timeout=RECONNECT_MS)
     assert len(relay.routes) == 2
-    assert re.search(r"\?since=\d+$", relay.routes[-1].url), relay.routes[-1].url
+    assert re.search(r"\?since=\d+&deletions=\d+$", relay.routes[-1].url), relay.routes[
+        -1
+    ].url
     relay.drop_texts = set()
     post_messages(server, bob, room, ["after"])
     wait_for_texts(page, ["before", "queued then dropped", "after"])

@@ -116,7 +116,10 @@ async def test_two_workers_share_publish_push_and_the_rate_limit(
     alice = new_account(one.base_url, "alice")
     bob = new_account(two.base_url, "bob")
     room = new_room(one, alice.sessionid)
-    token = create_token(one, bob.username, "--publish", "--push", "--author", "CI")
+    token = create_token(
+        one, bob.username, "--publish", "--push", "--push-to", alice.username,
+        "--author", "CI",
+    )  # fmt: skip
 
     bob_two, _ = await ws_connect(two, room, sessionid=bob.sessionid, welcome=True)
     alice_one, _ = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
