@@ -39,6 +39,28 @@ def _secure(scope) -> bool:
     return False
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_parts(url: str) -> tuple[str, str, int] | None:
+    """Returns (scheme, host, port) of an origin, the port filled in; None if
+    it is not one (`null`, a path, user info, another scheme)."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError:
+        return None
+    if (
+        parsed.scheme not in DEFAULT_PORTS
+        or not parsed.hostname
+        or parsed.username is not None
+        or parsed.path not in ("", "/")
+        or parsed.query
+    ):
+        return None
+    return parsed.scheme, parsed.hostname, port or DEFAULT_PORTS[parsed.scheme]
+
+
 def origin_allowed(scope) -> bool:
     """Returns whether the handshake's Origin may open a socket."""
     origin = _header(scope, b"origin")
@@ -54,7 +76,8 @@ def origin_allowed(scope) -> bool:
     domain, _ = split_domain_port(host)
     if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
         return False
-    return origin == ("https://" if _secure(scope) else "http://") + host
+    own = _origin_parts(("https://" if _secure(scope) else "http://") + host)
+    return own is not None and _origin_parts(origin) == own
 
 
 class OriginValidator:

@@ -138,6 +138,7 @@ def install() -> bool:
     except ImportError:
         return False
     from daphne.ws_protocol import WebSocketProtocol
+    from twisted.internet.interfaces import ISSLTransport
 
     WebSocketProtocol.serverClose = server_close
     _install_eager_writes()
@@ -151,6 +152,14 @@ def install() -> bool:
             extensions = dict(scope.get("extensions") or {})
             extensions[EXTENSION] = TransportProbe(protocol)
             scope["extensions"] = extensions
+            # daphne leaves out the optional `scheme`, which the Origin check
+            # needs: TLS terminated by daphne itself (`-e ssl:`), or a proxy's
+            # X-Forwarded-Proto under --proxy-headers.
+            forwarded = getattr(protocol, "client_scheme", None)
+            secure = forwarded in ("https", "wss") or ISSLTransport.providedBy(
+                getattr(protocol, "transport", None)
+            )
+            scope.setdefault("scheme", "wss" if secure else "ws")
         return create_application(self, protocol, scope)
 
     create_application_with_probe.chat_probe = True

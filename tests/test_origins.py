@@ -37,6 +37,18 @@ def test_only_the_sockets_own_origin_passes(origin, allowed):
     assert origin_allowed(scope(origin)) is allowed
 
 
+def test_a_default_port_is_the_same_origin_written_or_not():
+    assert origin_allowed(scope("http://chat.example", host="chat.example:80"))
+    assert origin_allowed(scope("http://chat.example:80", host="chat.example"))
+    assert not origin_allowed(scope("http://chat.example:80", host="chat.example:81"))
+
+
+def test_an_ipv6_host_is_its_own_origin(settings):
+    settings.ALLOWED_HOSTS = ["[::1]"]
+    assert origin_allowed(scope("http://[::1]:8000", host="[::1]:8000"))
+    assert not origin_allowed(scope("http://[::1]:8001", host="[::1]:8000"))
+
+
 def test_a_host_that_is_not_allowed_is_refused_even_with_its_own_origin():
     assert not origin_allowed(scope("http://evil.example", host="evil.example"))
 
