@@ -10,7 +10,7 @@ from chat import services, tokens
 from chat.models import ApiToken
 
 
-def _push_reach(token: ApiToken, users) -> str:
+def _push_reach(token: ApiToken, users: list) -> str:
     """Whom the token may push to, in words; "" for a token without push."""
     if not token.can_push:
         return ""
@@ -114,11 +114,7 @@ class Command(BaseCommand):
             f"Created token {token.name!r} ({token.prefix}…) for "
             f"{owner.get_username()}: scopes {', '.join(scopes) or 'read only'}"
             + (f", room {room.slug}" if room else "")
-            + (
-                f", pushes to {reach}"
-                if (reach := _push_reach(token, push_users))
-                else ""
-            )
+            + (f", pushes to {reach}" if reach else "")
             + ". Copy it now: it is not stored and cannot be shown again."
         )
         self.stdout.write(raw)
