@@ -19,6 +19,7 @@ from django.conf import settings
 from django.contrib import auth
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
+from django.utils.crypto import constant_time_compare, salted_hmac
 
 
 def SocketAuthStack(inner):
@@ -29,10 +30,30 @@ def SocketAuthStack(inner):
 def session_user(session) -> AbstractBaseUser | AnonymousUser:
     """Returns the user signed in to `session` (AnonymousUser if none). Sync.
 
-    Django's own check, as for a request: the session's user must exist, use a
-    configured backend and still match the password hash the session holds.
+    Django's own check, as auth.get_user makes it for a request: the session's
+    user must exist, use a configured backend and still match the password
+    hash the session holds (or a hash under SECRET_KEY_FALLBACKS). Without its
+    writes: a socket cannot hand a cycled session key back to its browser, so
+    cycling it would sign the browser out.
     """
-    return auth.get_user(SimpleNamespace(session=session))
+    try:
+        user_id = auth._get_user_session_key(SimpleNamespace(session=session))
+        backend_path = session[auth.BACKEND_SESSION_KEY]
+    except KeyError:
+        return AnonymousUser()
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return AnonymousUser()
+    user = auth.load_backend(backend_path).get_user(user_id)
+    if user is None:
+        return AnonymousUser()
+    if hasattr(user, "get_session_auth_hash"):
+        session_hash = session.get(auth.HASH_SESSION_KEY)
+        hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
+        if not session_hash or not any(
+            constant_time_compare(session_hash, known) for known in hashes
+        ):
+            return AnonymousUser()
+    return user
 
 
 def still_signed_in(session_key: str | None, user_id: int) -> bool:
@@ -49,3 +70,9 @@ def still_signed_in(session_key: str | None, user_id: int) -> bool:
     session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     user = session_user(session)
     return user.is_authenticated and user.pk == user_id
+
+
+def session_digest(session_key: str) -> str:
+    """Names a session in a channel-layer message without its key, which would
+    sign anyone in who read it off Redis."""
+    return salted_hmac("chat.access.session", session_key).hexdigest()

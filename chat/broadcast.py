@@ -90,16 +90,16 @@ def send_kick(user_id: int, room_slug: str) -> None:
     async_to_sync(send_kick_async)(user_id, room_slug)
 
 
-def send_revoke(user_id: int, *, session_key: str | None = None) -> None:
+def send_revoke(user_id: int, *, session: str | None = None) -> None:
     """Tells every socket of one user, on every worker, that their sign-in changed.
 
-    With `session_key`, the sockets of that session close with 4401 (a
-    logout); without, each socket checks its own session again. Returns at
-    once in a worker, as broadcast_room does.
+    With `session` (chat.auth.session_digest of a session key), the sockets
+    of that session close with 4401 (a logout); without, each socket checks
+    its own session again. Returns at once in a worker, as broadcast_room does.
     """
     message: dict[str, Any] = {"type": CHAT_REVOKE}
-    if session_key is not None:
-        message["session"] = session_key
+    if session is not None:
+        message["session"] = session
     group = user_group_name(user_id)
     if not sender.submit(group, message):
         async_to_sync(get_channel_layer().group_send)(group, message)

@@ -15,6 +15,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils.crypto import constant_time_compare
 
 from chat import auth, metrics, presence, protocol, services, transport, worker
 from chat.batching import DatabaseBatch, each
@@ -440,11 +441,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         session_key = session.session_key if session is not None else None
         if "session" in message:
-            ended = message["session"] == session_key
-        else:
-            ended = not await database_sync_to_async(auth.still_signed_in)(
-                session_key, self.user.pk
+            ended = session_key is not None and constant_time_compare(
+                message["session"], auth.session_digest(session_key)
             )
+        else:
+            try:
+                ended = not await database_sync_to_async(auth.still_signed_in)(
+                    session_key, self.user.pk
+                )
+            except Exception:
+                # Unsure: reconnecting checks the session at the handshake.
+                logger.exception("could not check the session of user %s", self.user.pk)
+                await self.close_refused(
+                    protocol.CLOSE_TRY_AGAIN_LATER, "session check failed"
+                )
+                return
         if ended:
             await self.close_refused(
                 protocol.CLOSE_NOT_SIGNED_IN, "signed out", level=logging.INFO

@@ -227,6 +227,24 @@ async def test_logout_closes_the_sockets_of_that_session_with_4401(
     await post(other_device, "still here")
 
 
+def test_a_logout_names_its_session_to_the_workers_by_a_digest_only(alice, monkeypatch):
+    from chat import access
+    from chat.auth import session_digest
+
+    sent: list[tuple[int, str | None]] = []
+    monkeypatch.setattr(
+        access,
+        "send_revoke",
+        lambda user_id, session=None: sent.append((user_id, session)),
+    )
+    http = HttpClient()
+    http.force_login(alice)
+    key = http.session.session_key
+    http.logout()
+    assert sent == [(alice.pk, session_digest(key))]
+    assert key not in sent[0][1]
+
+
 @pytest.mark.parametrize(
     "change",
     [

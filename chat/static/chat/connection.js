@@ -6,7 +6,7 @@
 // Policy closes: retrying cannot help, so the page says why and stops. Any
 // other 44xx stops too.
 const CLOSE_REASONS = {
-  1008: "The server closed the connection after repeated bad frames. Reload the page.",
+  1008: "The server closed the connection after repeated bad frames or refused posts. Reload the page.",
   4401: "You are signed out. Log in again to chat.",
   4403: "You were removed from this room, or are not allowed in it.",
   4404: "This room does not exist.",
@@ -17,6 +17,9 @@ const CLOSE_REASONS = {
 // (try again later) and 4008, "too slow": the server dropped what it had
 // queued for this socket, and the resume gets all of it back.
 const CLOSE_GOING_AWAY = 1001;
+const CLOSE_SIGNED_OUT = 4401;
+// How long after a 4401 the page checks its sign-in once more.
+const SIGN_IN_RECHECK_MS = 1500;
 const CLOSE_SERVICE_RESTART = 1012;
 const CLOSE_TOO_SLOW = 4008;
 // Asked for in the handshake: the server then sends arrays of events.
@@ -57,6 +60,8 @@ export function createConnection({
   let reconnectTimer = null;
   let reconnectTicker = null;
   let stopped = false; // a policy close: no more reconnects
+  let welcomedSocket = false; // the current socket got its welcome
+  let signInRechecked = false; // a 4401 after a welcome was retried once
 
   function socketUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -111,7 +116,18 @@ export function createConnection({
     ws.addEventListener("close", (event) => {
       if (!isCurrent()) return;
       const stable = openedAt && Date.now() - openedAt >= STABLE_AFTER_MS;
+      const hadWelcome = welcomedSocket;
       forgetSocket();
+      if (event.code === CLOSE_SIGNED_OUT && hadWelcome && !signInRechecked) {
+        // The sign-in of this socket's session ended, but the browser may
+        // be signed in under a new one (a password change in another tab
+        // cycles the session): one handshake with the cookie as it is once
+        // that tab's answer is in tells.
+        signInRechecked = true;
+        setState("reconnecting", "Connecting…", false);
+        reconnectTimer = setTimeout(connect, SIGN_IN_RECHECK_MS);
+        return;
+      }
       if (event.code in CLOSE_REASONS || (event.code >= 4400 && event.code < 4500)) {
         stop(CLOSE_REASONS[event.code] || "Disconnected (" + event.code + ").");
         return;
@@ -132,6 +148,7 @@ export function createConnection({
   function forgetSocket() {
     socket = null;
     openedAt = 0;
+    welcomedSocket = false;
     onLost();
   }
 
@@ -192,6 +209,8 @@ export function createConnection({
     isStopped: () => stopped,
     // Called when the server's welcome arrived: the socket is usable.
     welcomed() {
+      welcomedSocket = true;
+      signInRechecked = false;
       setState("open", "Connected", false);
     },
     // Sends `frame` and returns true, or returns false when not connected.
