@@ -59,8 +59,13 @@ def live_connections() -> QuerySet:
 
 
 class _Lease:
-    """This process's lease: whether it has held one, and whether it was taken."""
+    """This process's lease: whether it has held one, and whether it was taken.
 
+    Set on the database thread, read on the event loop: under a lock, so that
+    a taking noted while the loop reads is not cleared unseen.
+    """
+
+    lock = threading.Lock()
     held = False
     taken = False
 
@@ -85,12 +90,14 @@ def worker_heartbeat(
     if slow_closes is not None:
         fields["slow_closes"] = slow_closes
     updated = Worker.objects.filter(id=worker_id).update(**fields)
+    created = False
     if not updated:
         _, created = Worker.objects.get_or_create(id=worker_id, defaults=fields)
-        if created and worker_id == WORKER_ID and _Lease.held:
-            _Lease.taken = True
     if worker_id == WORKER_ID:
-        _Lease.held = True
+        with _Lease.lock:
+            if created and _Lease.held:
+                _Lease.taken = True
+            _Lease.held = True
     for channel_name, (queued, peak) in (queue_figures or {}).items():
         Connection.objects.filter(channel_name=channel_name).update(
             queued_events=queued, peak_queued_events=peak
@@ -99,13 +106,15 @@ def worker_heartbeat(
 
 def lease_taken() -> bool:
     """True (once) when this worker's lease was swept since the last call."""
-    taken, _Lease.taken = _Lease.taken, False
+    with _Lease.lock:
+        taken, _Lease.taken = _Lease.taken, False
     return taken
 
 
 def lease_forget() -> None:
     """Forgets that this process held a lease (a test's database starts empty)."""
-    _Lease.held = _Lease.taken = False
+    with _Lease.lock:
+        _Lease.held = _Lease.taken = False
 
 
 def workers_sweep() -> int:
