@@ -317,9 +317,9 @@ def room_welcome(
             presence.room_member_count(room=room) if more else len(members),
         )
     members, member_count = shared[key]
-    deleted = []
+    deleted, deletions_now = [], room.deletions
     if since is not None and deletions is not None and deletions < room.deletions:
-        deleted = deleted_since(
+        deleted, deletions_now = deleted_since(
             room=room, deletions=deletions, up_to_seq=since, limit=resume_max
         )
     return protocol.event_welcome(
@@ -330,25 +330,29 @@ def room_welcome(
         messages=page.events,
         has_more=page.has_more,
         closed=room.is_closed,
-        deletions=room.deletions,
+        deletions=deletions_now,
         deleted=deleted,
     )
 
 
 def deleted_since(
     *, room: Room, deletions: int, up_to_seq: int, limit: int
-) -> list[protocol.DeletedRef]:
-    """Returns the messages up to `up_to_seq` deleted after deletion `deletions`.
+) -> tuple[list[protocol.DeletedRef], int]:
+    """Returns the messages up to `up_to_seq` deleted after deletion number
+    `deletions`, and the deletion number the page has then seen.
 
-    The latest `limit` of them; older ones a page that was away that long
-    reloads anyway (its resume got only the latest messages too).
+    At most `limit`, the oldest first: past the limit the number returned is
+    that of the last one sent, so the next resume gets the rest.
     """
-    rows = (
-        Message.objects.filter(room=room, deletion__gt=deletions, seq__lte=up_to_seq)
-        .order_by("-deletion")
-        .values_list("pk", "seq")[:limit]
+    rows = list(
+        Message.objects.filter(room=room, deletion__gt=deletions)
+        .order_by("deletion")
+        .values_list("pk", "seq", "deletion")[: limit + 1]
     )
-    return [{"id": pk, "seq": seq} for pk, seq in reversed(rows)]
+    seen = room.deletions if len(rows) <= limit else rows[limit - 1][2]
+    return [
+        {"id": pk, "seq": seq} for pk, seq, _ in rows[:limit] if seq <= up_to_seq
+    ], seen
 
 
 def room_members_page(*, room: Room, after: str | None) -> protocol.MembersEvent:

@@ -410,6 +410,30 @@ def test_a_resume_learns_the_deletions_it_missed(five, alice):
     assert welcome(Room.objects.get(pk=five.pk), alice, since=5)["deleted"] == []
 
 
+def test_a_resume_past_the_limit_gets_the_oldest_deletions_and_the_rest_next(
+    five, alice
+):
+    from chat import moderation
+
+    for message in Message.objects.filter(room=five).order_by("seq")[:3]:
+        moderation.message_delete(message=message, actor=None)
+    room = Room.objects.get(pk=five.pk)
+    first = services.room_welcome(
+        room=room, user=alice, since=5, deletions=0, page_size=2, resume_max=2
+    )
+    assert [d["seq"] for d in first["deleted"]] == [1, 2]
+    assert first["deletions"] == 2  # not 3: the third is still to come
+    rest = services.room_welcome(
+        room=room,
+        user=alice,
+        since=5,
+        deletions=first["deletions"],
+        page_size=2,
+        resume_max=2,
+    )
+    assert ([d["seq"] for d in rest["deleted"]], rest["deletions"]) == ([3], 3)
+
+
 def test_welcome_lists_a_bounded_page_of_members(five, make_user, settings):
     settings.CHAT_MEMBERS_PAGE = 2
     for name in ("zack", "yuri", "xena"):
