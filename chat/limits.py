@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.cache import caches
+from django.core.cache.backends.locmem import LocMemCache
 
 from chat import protocol
 
@@ -159,10 +162,41 @@ class SharedRateLimit:
         return left
 
 
-# For a channel layer that has no counter of its own: this process's.
+class CacheWindowCounts:
+    """Window counts in Django's cache, for a channel layer with no counter of
+    its own (channels_redis's pub/sub layer): with REDIS_URL the cache is the
+    first Redis server, which every worker shares. Three round trips, on a
+    thread, where the hub's layers take one."""
+
+    async def window_count(
+        self, key: str, index: int, ttl: int, delta: int = 1
+    ) -> tuple[int, int]:
+        return await sync_to_async(self._count, thread_sensitive=False)(
+            key, index, ttl, delta
+        )
+
+    def _count(self, key: str, index: int, ttl: int, delta: int) -> tuple[int, int]:
+        cache = caches["default"]
+        current = f"chat:rate:{key}:{index}"
+        cache.add(current, 0, timeout=ttl)
+        try:
+            count = cache.incr(current, delta)
+        except ValueError:  # expired between add and incr
+            count = max(delta, 0)
+            cache.set(current, count, timeout=ttl)
+        return int(cache.get(f"chat:rate:{key}:{index - 1}", 0)), count
+
+
+# For a channel layer that has no counter of its own: the cache when it is
+# shared, else this process's.
 _process_counts = LocalWindowCounts()
+_cache_counts = CacheWindowCounts()
 
 
 def shared_counts(layer: object) -> WindowCounts:
     """Returns where `layer`'s workers share their counts (chat.hub's layers do)."""
-    return layer if hasattr(layer, "window_count") else _process_counts
+    if hasattr(layer, "window_count"):
+        return layer
+    if isinstance(caches["default"], LocMemCache):
+        return _process_counts
+    return _cache_counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from chat.limits import LocalWindowCounts, SharedRateLimit, Throttle, TokenBucket
 
@@ -145,3 +146,36 @@ async def test_a_window_edge_gives_no_burst_of_twice_the_limit(clock):
 async def test_a_limit_of_zero_turns_the_shared_limit_off(clock):
     limit, counts = SharedRateLimit("posts", 0, 10, clock=clock), LocalWindowCounts()
     assert await acquired(limit, counts, 100) == [None] * 100
+
+
+async def test_without_a_layer_counter_the_shared_cache_counts(redis_server, settings):
+    """channels_redis's pub/sub layer has no counter: the workers share the
+    cache's Redis instead, as two processes with their own cache clients do."""
+    from django.core.cache import caches
+
+    from chat.limits import CacheWindowCounts, shared_counts
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_server.url,
+            "KEY_PREFIX": f"limits-test-{id(settings)}",
+        }
+    }
+    counts = shared_counts(object())
+    assert isinstance(counts, CacheWindowCounts)
+    limit = SharedRateLimit("posts", 2, 3600, clock=lambda: 7200.0)
+    one, two = CacheWindowCounts(), CacheWindowCounts()
+    assert await limit.acquire(one, "u1") is None
+    assert await limit.acquire(two, "u1") is None
+    assert await limit.acquire(one, "u1") is not None
+    await sync_to_async(caches["default"].delete)("chat:rate:posts:u1:2")
+
+
+def test_with_a_cache_of_its_own_a_process_counts_alone(settings):
+    from chat.limits import LocalWindowCounts, shared_counts
+
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    }
+    assert isinstance(shared_counts(object()), LocalWindowCounts)
