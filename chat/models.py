@@ -104,6 +104,8 @@ class Connection(models.Model):
     # a row must be written even while its worker's lease row is being swept.
     worker = models.CharField(max_length=200, db_index=True)
     address = models.CharField(max_length=100, blank=True)
+    # What the per-address cap counts: the address, or its /64 for IPv6.
+    network = models.CharField(max_length=100, blank=True, editable=False)
     connected_at = models.DateTimeField(auto_now_add=True)
     # Events waiting in the socket's outgoing queue, and the most it held, as
     # of its worker's last heartbeat (shown by the admin).
@@ -114,7 +116,7 @@ class Connection(models.Model):
         indexes = [
             models.Index(fields=["room", "user"], name="connection_room_user"),
             # The per-address socket cap counts by it at every handshake.
-            models.Index(fields=["address"], name="connection_address"),
+            models.Index(fields=["network"], name="connection_network"),
         ]
 
     def __str__(self) -> str:

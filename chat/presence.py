@@ -10,6 +10,7 @@ worker killed without running its disconnect handlers.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
 import os
 import secrets
@@ -207,6 +208,24 @@ def room_member_count(*, room: Room) -> int:
     return live_connections().filter(room=room).values("user").distinct().count()
 
 
+def client_network(address: str) -> str:
+    """Returns what the per-address cap counts a client address as.
+
+    An IPv4 address as it is; an IPv6 one as its /64, which one client (one
+    home, one phone) usually holds whole: counted address by address, it
+    could open sockets without end.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:100]
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 @dataclass(frozen=True)
 class SocketOpening:
     """One socket to record as open."""
@@ -247,7 +266,8 @@ def connections_open(
     (the user then goes into the room's next presence diff), False when not,
     or the refusal (an exception, not raised): TooManyConnections when its
     user has `max_per_user` sockets counting the ones before it here, or its
-    client address has `max_per_address` (0: no cap) on every worker together,
+    client address (its /64 for IPv6: client_network) has `max_per_address`
+    (0: no cap) on every worker together,
     or Room.DoesNotExist when its room went away. The same handful of queries
     for one socket or a hundred.
     """
@@ -267,25 +287,27 @@ def connections_open(
         # these client addresses on every live worker.
         users = {o.user.pk for o in openings}
         capped = max_per_address > 0
-        addresses = (
-            {o.address[:100] for o in openings if o.address} if capped else set()
+        networks = (
+            {client_network(o.address) for o in openings if o.address}
+            if capped
+            else set()
         )
         held = (
-            Q(user__in=users) | Q(address__in=addresses)
-            if addresses
+            Q(user__in=users) | Q(network__in=networks)
+            if networks
             else Q(user__in=users)
         )
         sockets_of: dict[int, int] = {}
-        from_address: dict[str, int] = {}
+        from_network: dict[str, int] = {}
         online: set[tuple[int, int]] = set()
-        for user_id, room_id, address in (
-            live_connections().filter(held).values_list("user_id", "room_id", "address")
+        for user_id, room_id, network in (
+            live_connections().filter(held).values_list("user_id", "room_id", "network")
         ):
             if user_id in users:
                 sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
                 online.add((user_id, room_id))
-            if address in addresses:
-                from_address[address] = from_address.get(address, 0) + 1
+            if network in networks:
+                from_network[network] = from_network.get(network, 0) + 1
         rows, firsts = [], []
         for opening in openings:
             room, user = locked.get(opening.room.pk), opening.user
@@ -296,12 +318,13 @@ def connections_open(
                 results.append(TooManyConnections(user.get_username()))
                 continue
             address = opening.address[:100]
-            if capped and address and from_address.get(address, 0) >= max_per_address:
-                results.append(TooManyConnections(address))
+            network = client_network(address)
+            if capped and network and from_network.get(network, 0) >= max_per_address:
+                results.append(TooManyConnections(network))
                 continue
             sockets_of[user.pk] = sockets_of.get(user.pk, 0) + 1
-            if capped and address:
-                from_address[address] = from_address.get(address, 0) + 1
+            if capped and network:
+                from_network[network] = from_network.get(network, 0) + 1
             first = (user.pk, room.pk) not in online
             online.add((user.pk, room.pk))
             rows.append(
@@ -311,6 +334,7 @@ def connections_open(
                     channel_name=opening.channel_name,
                     worker=WORKER_ID,
                     address=address,
+                    network=network,
                 )
             )
             if first:

@@ -310,8 +310,9 @@ CHAT_TYPING_INTERVAL_SECONDS = env_int("CHAT_TYPING_INTERVAL_SECONDS", 2)
 # per minute before it closes the socket with 1008; the page sends none.
 CHAT_BAD_FRAMES_PER_MINUTE = env_int("CHAT_BAD_FRAMES_PER_MINUTE", 30)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
-# Open sockets per client address on all workers together (0: no cap); behind
-# a proxy the address is the client's only with --proxy-headers (deploy/).
+# Open sockets per client address (an IPv6 /64) on all workers together (0: no
+# cap); behind a proxy the address is the client's only with --proxy-headers
+# (deploy/ has it).
 CHAT_MAX_CONNECTIONS_PER_ADDRESS = env_int("CHAT_MAX_CONNECTIONS_PER_ADDRESS", 256)
 # HTTP API: request body size, and requests per token per window.
 CHAT_API_MAX_BODY_BYTES = env_int("CHAT_API_MAX_BODY_BYTES", 64 * 1024)

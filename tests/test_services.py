@@ -649,6 +649,7 @@ def test_sockets_from_one_address_are_capped_on_every_worker_together(
         channel_name="elsewhere",
         worker="other-worker",
         address="10.0.0.7",
+        network="10.0.0.7",
     )
     outcomes = services.sockets_open(
         [
@@ -666,3 +667,25 @@ def test_sockets_from_one_address_are_capped_on_every_worker_together(
         [services.SocketRequest("lobby", users[3], "c2", "10.0.0.7", None)]
     )
     assert not isinstance(outcome, services.SocketRefused)
+
+
+def test_an_ipv6_client_is_capped_by_its_slash_64(room, make_user, settings):
+    from chat import protocol
+
+    settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS = 2
+    users = [make_user(f"v6user{n}") for n in range(4)]
+    addresses = ["2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2:ffff::1"]
+    outcomes = services.sockets_open(
+        [
+            services.SocketRequest("lobby", user, f"c{n}", address, None)
+            for n, (user, address) in enumerate(zip(users[:3], addresses, strict=True))
+        ]
+        # Another /64 is another client.
+        + [services.SocketRequest("lobby", users[3], "d", "2001:db8:1:3::a", None)]
+    )
+    refused = [getattr(o, "code", None) for o in outcomes]
+    assert refused == [None, None, protocol.CLOSE_TOO_MANY_CONNECTIONS, None]
+    assert set(Connection.objects.values_list("network", flat=True)) == {
+        "2001:db8:1:2::/64",
+        "2001:db8:1:3::/64",
+    }
