@@ -389,3 +389,40 @@ async def test_a_deletion_lost_while_redis_was_away_reaches_the_resuming_page(
         assert welcome["messages"] == []
     finally:
         redis.stop()
+
+
+async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
+    daphne_factory, ws_connect
+):
+    """A page that resends on another worker while the first try is in flight:
+    one row, and both sockets get that message (the page shows it once)."""
+    redis_url = daphne_factory.new_redis_url()
+    one = daphne_factory(redis_url=redis_url)
+    two = daphne_factory(redis_url=redis_url, db_path=one.db_path)
+    room = new_room(one)
+    alice = new_account(one.base_url, "alice")
+    for attempt in range(5):
+        here, _ = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
+        there, _ = await ws_connect(two, room, sessionid=alice.sessionid, welcome=True)
+        client_id = f"race-{attempt}"
+        frame = {
+            "type": "message",
+            "message": f"once {attempt}",
+            "client_id": client_id,
+        }
+        await asyncio.gather(here.send(frame), there.send(frame))
+        copies = []
+        for socket in (here, there):
+            copy = await socket.receive_type("message")
+            assert copy["client_id"] == client_id
+            copies.append((copy["id"], copy["seq"], copy["message"]))
+        assert copies[0] == copies[1]
+        await here.close()
+        await there.close()
+    # A fresh socket's backlog: each text once, in order, no gap.
+    _, welcome = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
+    assert [(m["seq"], m["message"]) for m in welcome["messages"]] == [
+        (n + 1, f"once {n}") for n in range(5)
+    ]
+    for server in (one, two):
+        assert "Traceback" not in server.output(limit=None)
