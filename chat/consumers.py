@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 security_log = logging.getLogger("chat.security")
 
 
+def redis_deadline() -> asyncio.Timeout:
+    """Bounds a socket's wait for Redis (a join, a post's count) by
+    CHAT_REDIS_OPERATION_SECONDS: a Redis that hangs gets the client
+    `unavailable` and 1013 in seconds, not after the connection's own timeout
+    (CHAT_REDIS_SOCKET_TIMEOUT, long for the layer's blocking reads)."""
+    return asyncio.timeout(settings.CHAT_REDIS_OPERATION_SECONDS)
+
+
 def outbox_limits() -> OutboxLimits:
     """Returns the outgoing-queue bounds of a socket (from settings, now)."""
     return OutboxLimits(
@@ -244,8 +252,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def join_groups(self, *groups: str) -> None:
         self.groups_joined = groups
-        for group in groups:
-            await self.channel_layer.group_add(group, self.channel_name)
+        async with redis_deadline():
+            for group in groups:
+                await self.channel_layer.group_add(group, self.channel_name)
 
     async def leave_groups(self) -> None:
         groups, self.groups_joined = self.groups_joined, ()
@@ -310,9 +319,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close_refused(protocol.CLOSE_POLICY_VIOLATION, reason)
 
     async def post_message(self, command: protocol.PostMessage) -> None:
-        wait = await self.user_posts.acquire(
-            shared_counts(self.channel_layer), str(self.user.pk)
-        )
+        async with redis_deadline():
+            wait = await self.user_posts.acquire(
+                shared_counts(self.channel_layer), str(self.user.pk)
+            )
         if wait is not None:
             error = protocol.ProtocolError(
                 protocol.ERROR_RATE_LIMITED,

@@ -310,6 +310,9 @@ CHAT_TYPING_INTERVAL_SECONDS = env_int("CHAT_TYPING_INTERVAL_SECONDS", 2)
 # per minute before it closes the socket with 1008; the page sends none.
 CHAT_BAD_FRAMES_PER_MINUTE = env_int("CHAT_BAD_FRAMES_PER_MINUTE", 30)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
+# How long a socket waits for Redis (a join at the handshake, a post's count)
+# before it answers `unavailable` and closes with 1013.
+CHAT_REDIS_OPERATION_SECONDS = env_int("CHAT_REDIS_OPERATION_SECONDS", 5)
 # Open sockets per client address (an IPv6 /64) on all workers together (0: no
 # cap); behind a proxy the address is the client's only with --proxy-headers
 # (deploy/ has it).

@@ -7,6 +7,7 @@ the last one runs two workers on one SQLite file and one Redis.
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import pytest
@@ -426,3 +427,76 @@ async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
     ]
     for server in (one, two):
         assert "Traceback" not in server.output(limit=None)
+
+
+# ---------------------------------------------------------------------------
+# A Redis that hangs
+# ---------------------------------------------------------------------------
+
+HANG_SECONDS = 15
+
+
+async def connect_when_ready(server, ws_connect, room: str, sessionid: str, **options):
+    """Connects as a page does after a 1013: again, until the welcome comes."""
+    for _ in range(100):
+        socket = await ws_connect(server, room, sessionid=sessionid, **options)
+        try:
+            frame = await socket.receive()
+        except ConnectionClosed:
+            frame = None
+        if frame is not None and frame["type"] == "welcome":
+            return socket, frame
+        await asyncio.sleep(0.2)
+    raise AssertionError("the worker never took sockets again")
+
+
+async def test_a_hung_redis_gets_unavailable_in_seconds_and_the_worker_recovers(
+    daphne_factory, ws_connect
+):
+    redis = RedisServer()
+    redis.start()
+    try:
+        server = daphne_factory(redis_url=redis.url)
+        room, quiet_room = new_room(server), new_room(server)
+        alice = new_account(server.base_url, "alice")
+        bob = new_account(server.base_url, "bob")
+        poster, _ = await ws_connect(
+            server, room, sessionid=alice.sessionid, welcome=True
+        )
+        reader, _ = await ws_connect(
+            server, room, sessionid=bob.sessionid, welcome=True
+        )
+        pid = server.process.pid
+
+        redis.process.send_signal(signal.SIGSTOP)
+        stopped_at = asyncio.get_running_loop().time()
+        try:
+            # A room this worker has not joined needs Redis: 1013, not a hang
+            # until the connection's 30 s timeout.
+            newcomer = await ws_connect(server, quiet_room, sessionid=bob.sessionid)
+            code, frames = await newcomer.receive_close(timeout=HANG_SECONDS)
+            assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+            # A post needs Redis for its count: unavailable, never a fake ack.
+            await poster.send(
+                {"type": "message", "message": "during", "client_id": "d"}
+            )
+            code, frames = await poster.receive_close(timeout=HANG_SECONDS)
+            assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+            left = HANG_SECONDS - (asyncio.get_running_loop().time() - stopped_at)
+            await asyncio.sleep(max(0.0, left))
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+
+        # Back: the page reconnects, resends with the same client_id, and the
+        # socket that waited through it all hears it. No worker restarted.
+        again, welcome = await connect_when_ready(
+            server, ws_connect, room, alice.sessionid, query="since=0"
+        )
+        assert welcome["messages"] == []  # "during" was never stored
+        sent = await again.post("during", client_id="d")
+        assert sent["message"] == "during"
+        assert (await reader.receive())["id"] == sent["id"]
+        assert server.process.pid == pid and server.process.poll() is None
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+        redis.stop()
