@@ -6,6 +6,6 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self) -> None:
-        from chat import access
+        from chat import access, checks  # noqa: F401 (checks registers itself)
 
         access.connect_receivers()

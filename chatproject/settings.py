@@ -96,6 +96,10 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
         # A worker's channels share one Redis list: with the hub every broadcast
         # to a room is one entry in it, so a burst needs room (default 100).
         config["capacity"] = env_int("CHAT_LAYER_CAPACITY", 1000)
+        # Redis forgets a group not joined again within this; the worker loop
+        # rejoins its groups at half of it (chat.checks says how short is too
+        # short).
+        config["group_expiry"] = env_int("CHAT_LAYER_GROUP_EXPIRY", 86400)
     return {"default": {"BACKEND": REDIS_LAYER_BACKENDS[kind], "CONFIG": config}}
 
 

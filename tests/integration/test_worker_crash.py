@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -81,3 +82,30 @@ async def test_a_stalled_worker_whose_lease_was_taken_closes_its_sockets_to_rejo
     sent = await bob_again.post("back from the stall")
     assert (await alice_ws.receive())["message"] == sent["message"]
     assert "Traceback" not in two.output()
+
+
+async def test_a_socket_open_past_the_group_expiry_still_hears_its_room(
+    daphne_factory, ws_connect
+):
+    """Redis forgets a group nobody joins again; the worker loop rejoins its
+    groups in time, so a long-lived socket keeps hearing the other worker."""
+    expiry = LEASE_SECONDS * 2
+    redis_url = daphne_factory.new_redis_url()
+    env = {
+        "CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS),
+        "CHAT_LAYER_GROUP_EXPIRY": str(expiry),
+    }
+    one = daphne_factory(env, redis_url=redis_url)
+    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
+    alice = new_account(one.base_url, "alice")
+    bob = new_account(two.base_url, "bob")
+    listener, _ = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
+    poster, _ = await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
+    for round_ in range(3):
+        # Each time longer ago than the expiry that the groups were joined.
+        await asyncio.sleep(expiry + 1)
+        sent = await poster.post(f"still there {round_}")
+        heard = await listener.receive()
+        assert (heard["type"], heard["id"]) == ("message", sent["id"])
