@@ -500,3 +500,49 @@ async def test_a_hung_redis_gets_unavailable_in_seconds_and_the_worker_recovers(
     finally:
         redis.process.send_signal(signal.SIGCONT)
         redis.stop()
+
+
+async def test_a_resume_while_posts_go_on_ends_with_each_message_once_in_order(
+    daphne_factory, ws_connect
+):
+    """Offline while 50 are posted, back in the middle of them: the welcome and
+    the live messages together, taken by seq as the page takes them, are every
+    message once, in order, then the live ones."""
+    server = daphne_factory(
+        {"CHAT_RATE_MESSAGES": "1000"}, redis_url=daphne_factory.new_redis_url()
+    )
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    poster, _ = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    reader, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    last = (await post(poster, "before"))["seq"]
+    assert (await reader.receive())["seq"] == last
+    await reader.close()
+
+    under_way = asyncio.Event()
+
+    async def post_fifty() -> list[int]:
+        seqs = []
+        for n in range(50):
+            seqs.append((await post(poster, f"m{n}"))["seq"])
+            if n == 9:
+                under_way.set()  # the resume comes once ten are stored
+        return seqs
+
+    posting = asyncio.ensure_future(post_fifty())
+    await under_way.wait()
+    again, welcome = await ws_connect(
+        server, room, sessionid=alice.sessionid, welcome=True, query=f"since={last}"
+    )
+    posted = await posting
+    live = await post(poster, "live")
+    seen: dict[int, str] = {m["seq"]: m["message"] for m in welcome["messages"]}
+    while live["seq"] not in seen:
+        frame = await again.receive()
+        if frame["type"] == "message":
+            assert frame["seq"] > last
+            seen.setdefault(frame["seq"], frame["message"])
+    assert sorted(seen) == [*posted, live["seq"]] == list(range(last + 1, last + 52))
+    assert [seen[seq] for seq in posted] == [f"m{n}" for n in range(50)]
+    assert len(welcome["messages"]) >= 10
