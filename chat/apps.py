@@ -6,6 +6,7 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self) -> None:
-        from chat import access, checks  # noqa: F401 (checks registers itself)
+        from chat import access, checks, metrics  # noqa: F401 (checks registers)
 
         access.connect_receivers()
+        metrics.watch_layer_drops()

@@ -178,3 +178,30 @@ async def test_a_cancelled_receive_ends_even_when_the_cancel_meets_a_read_timeou
             assert done, f"cancel {attempt} was lost: the receive still reads"
     finally:
         await layer.close_pools()
+
+
+async def test_a_broadcast_the_layer_drops_is_counted_and_warned(
+    redis_server, settings, caplog
+):
+    """A channel over CHAT_LAYER_CAPACITY loses the message (the sockets then
+    fill the gap by seq): /metrics counts it and the log says so at WARNING."""
+    from channels.layers import channel_layers
+
+    from chat import metrics
+
+    config = redis_layer_config(redis_server.url)
+    config["CONFIG"]["capacity"] = 1
+    settings.CHANNEL_LAYERS = {"default": config}
+    layer = channel_layers["default"]
+    channel = await layer.new_channel()
+    await layer.group_add("room.full", channel)
+    before = metrics.LAYER_DROPS._value.get()
+    caplog.set_level("WARNING")
+    for n in range(3):  # nobody reads: the first fits, the other two do not
+        await layer.group_send("room.full", {"type": "chat.event", "text": str(n)})
+    assert metrics.LAYER_DROPS._value.get() - before == 2
+    warned = [r for r in caplog.records if "over capacity" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING", "WARNING"]
+    assert b"chat_layer_dropped_messages_total" in metrics.exposition()
+    await layer.flush()
+    await layer.close_pools()
