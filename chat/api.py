@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -186,6 +187,21 @@ def api_endpoint(*methods: str) -> Callable[[View], View]:
                     ApiError(
                         protocol.ERROR_UNAVAILABLE,
                         "the channel layer (Redis) is unreachable; retry shortly",
+                        {"Retry-After": "5"},
+                    )
+                )
+            except DatabaseError:
+                # Locked past its busy timeout, or down: nothing was stored.
+                logger.warning(
+                    "API %s %s: the database does not answer",
+                    request.method,
+                    request.path,
+                    exc_info=True,
+                )
+                return error_response(
+                    ApiError(
+                        protocol.ERROR_UNAVAILABLE,
+                        "the database does not answer; retry shortly",
                         {"Retry-After": "5"},
                     )
                 )

@@ -15,6 +15,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils.crypto import constant_time_compare
 
 from chat import auth, metrics, presence, protocol, services, transport, worker
@@ -147,22 +148,27 @@ class ChatConsumer(AsyncWebsocketConsumer):
             backlog=probe.buffered if probe is not None else None,
             on_sent=_count_sent,
         )
-        user = self.scope.get("user")
-        if user is None and "session" in self.scope:
-            # Read after accept (chat.auth says why), in one trip to the
-            # database thread with the handshakes that arrive with it.
-            user = await session_users(self.scope["session"])
-            self.scope["user"] = user
-        if user is None or not user.is_authenticated:
-            await self.close_refused(protocol.CLOSE_NOT_SIGNED_IN, "not signed in")
-            return
         try:
+            user = self.scope.get("user")
+            if user is None and "session" in self.scope:
+                # Read after accept (chat.auth says why), in one trip to the
+                # database thread with the handshakes that arrive with it.
+                user = await session_users(self.scope["session"])
+                self.scope["user"] = user
+            if user is None or not user.is_authenticated:
+                await self.close_refused(protocol.CLOSE_NOT_SIGNED_IN, "not signed in")
+                return
             await self.open_session(user)
         except LAYER_ERRORS:
             # Redis is unreachable: say so and let the client retry later,
             # rather than leaving it on a socket that receives nothing.
             logger.warning("refusing a socket: the channel layer is unreachable")
             await self.close_unavailable()
+        except DatabaseError:
+            # Locked or down: the same answer; the groups are left as usual.
+            logger.warning("refusing a socket: the database does not answer")
+            await self.send_direct(self.error_event(protocol.unavailable_error()))
+            await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
 
     async def open_session(self, user) -> None:
         slug = self.scope["url_route"]["kwargs"]["room"]
@@ -246,9 +252,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # While the worker drains, the user is reconnecting elsewhere: keep the
         # row, so no leave/join pair flickers; the lease sweep settles it.
         if not worker.is_draining():
-            await database_sync_to_async(presence.connection_close)(
-                channel_name=self.channel_name
-            )
+            try:
+                await database_sync_to_async(presence.connection_close)(
+                    channel_name=self.channel_name
+                )
+            except DatabaseError:
+                # The row stays until this worker's lease ends.
+                logger.warning("could not forget a closed socket: database error")
 
     async def join_groups(self, *groups: str) -> None:
         self.groups_joined = groups
@@ -293,6 +303,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_members(command)
         except protocol.ProtocolError as error:
             await self.send_error(error)
+        except DatabaseError:
+            # Locked past its busy timeout, or down: nothing was stored, so
+            # nothing was broadcast; the client resends with the same
+            # client_id, which is stored once.
+            logger.warning("a frame of user %s failed: database error", self.user.pk)
+            ref = (
+                command.client_id if isinstance(command, protocol.PostMessage) else None
+            )
+            await self.send_error(protocol.unavailable_error(ref))
         except LAYER_ERRORS:
             # What was stored stays stored; the client reconnects later,
             # resumes with ?since and resends with the same client_id.

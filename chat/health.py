@@ -26,8 +26,9 @@ def _database_answers() -> bool:
 
 
 @require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    """Liveness: the process serves requests."""
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process serves requests. Async, so that it answers while
+    the database thread (one per worker) waits on a locked database."""
     return JsonResponse({"status": "ok", "worker": WORKER_ID})
 
 

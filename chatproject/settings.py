@@ -222,7 +222,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # IMMEDIATE takes the write lock when a transaction starts, so the
             # read-then-write of seq and presence cannot interleave on SQLite.
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            # Seconds a write waits for another process's lock before it
+            # fails (a post then gets `unavailable`).
+            "timeout": env_int("DJANGO_DB_TIMEOUT", 20),
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )

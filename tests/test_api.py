@@ -745,3 +745,18 @@ def test_unexpected_error_is_a_json_500_without_details(
     assert b"secret internals" not in response.content
     assert b"Traceback" not in response.content
     assert "secret internals" in caplog.text  # the server log has it
+
+
+def test_a_database_that_does_not_answer_is_a_503_with_retry_after(
+    api, publisher, room, monkeypatch
+):
+    from django.db import OperationalError
+
+    def locked(**kwargs: Any):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(services, "message_post", locked)
+    response = api.post(LOBBY_MESSAGES, {"message": "x"}, token=publisher)
+    assert_error(response, 503, protocol.ERROR_UNAVAILABLE)
+    assert response["Retry-After"] == "5"
+    assert not Message.objects.exists()

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from django.db import OperationalError
 from django.urls import reverse
 from openapi_spec_validator import validate as validate_spec
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
@@ -103,6 +104,17 @@ def layer_down(call: Callable[[World], Any]) -> Callable[[World], Any]:
     return scenario
 
 
+def database_down(name: str, call: Callable[[World], Any]) -> Callable[[World], Any]:
+    def scenario(world: World):
+        def locked(*args: Any, **kwargs: Any):
+            raise OperationalError("database is locked")
+
+        world.monkeypatch.setattr(services, name, locked)
+        return call(world)
+
+    return scenario
+
+
 def twice(call: Callable[[World], Any]) -> Callable[[World], Any]:
     def scenario(world: World):
         call(world)
@@ -139,6 +151,7 @@ SCENARIOS: dict[tuple[str, str, str], Callable[[World], Any]] = {
     (*GET_ROOMS, "401"): gets(ROOMS, "not-a-token"),
     (*GET_ROOMS, "429"): limited(gets(ROOMS)),
     (*GET_ROOMS, "500"): broken("room_list", gets(ROOMS)),
+    (*GET_ROOMS, "503"): database_down("room_list", gets(ROOMS)),
     (*GET_MESSAGES, "200"): gets(LOBBY_MESSAGES + "?since=0&limit=5", "reader"),
     (*GET_MESSAGES, "400"): gets(LOBBY_MESSAGES + "?limit=0"),
     (*GET_MESSAGES, "401"): gets(LOBBY_MESSAGES, "not-a-token"),
@@ -146,6 +159,7 @@ SCENARIOS: dict[tuple[str, str, str], Callable[[World], Any]] = {
     (*GET_MESSAGES, "404"): gets("/api/rooms/nowhere/messages/"),
     (*GET_MESSAGES, "429"): limited(gets(LOBBY_MESSAGES)),
     (*GET_MESSAGES, "500"): broken("room_messages_after", gets(SINCE_1)),
+    (*GET_MESSAGES, "503"): database_down("room_messages_after", gets(SINCE_1)),
     (*POST_MESSAGES, "200"): twice(posts(LOBBY_MESSAGES, MSG)),
     (*POST_MESSAGES, "201"): posts(LOBBY_MESSAGES, MSG),
     (*POST_MESSAGES, "400"): posts(LOBBY_MESSAGES, {"message": ""}),
@@ -157,6 +171,7 @@ SCENARIOS: dict[tuple[str, str, str], Callable[[World], Any]] = {
     (*POST_MESSAGES, "415"): posts(LOBBY_MESSAGES, body="m=1", content_type=TEXT),
     (*POST_MESSAGES, "429"): limited(posts(LOBBY_MESSAGES, MSG)),
     (*POST_MESSAGES, "500"): broken("message_post", posts(LOBBY_MESSAGES, MSG)),
+    (*POST_MESSAGES, "503"): database_down("message_post", posts(LOBBY_MESSAGES, MSG)),
     (*POST_PUSH, "202"): posts(PUSH, {"event": "e", "data": [1]}),
     (*POST_PUSH, "400"): posts(PUSH, {"data": 1}),
     (*POST_PUSH, "401"): posts(PUSH, {"event": "e"}, "not-a-token"),

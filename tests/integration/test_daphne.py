@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import urllib.request
 from typing import Any
 
 import pytest
@@ -546,3 +548,58 @@ async def test_a_resume_while_posts_go_on_ends_with_each_message_once_in_order(
     assert sorted(seen) == [*posted, live["seq"]] == list(range(last + 1, last + 52))
     assert [seen[seq] for seq in posted] == [f"m{n}" for n in range(50)]
     assert len(welcome["messages"]) >= 10
+
+
+# ---------------------------------------------------------------------------
+# A database that is locked
+# ---------------------------------------------------------------------------
+
+
+async def test_a_post_while_the_database_is_locked_is_unavailable_then_stored_once(
+    daphne_factory, ws_connect
+):
+    """Another process holds SQLite's write lock for 10 s, longer than the
+    worker's busy timeout: the post is refused, not broadcast, the worker still
+    answers, and the resend afterwards is stored once."""
+    server = daphne_factory({"DJANGO_DB_TIMEOUT": "2"})
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    poster, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    reader, _ = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    frame = {"type": "message", "message": "while locked", "client_id": "locked-1"}
+
+    holder = sqlite3.connect(server.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock
+    try:
+        locked_at = asyncio.get_running_loop().time()
+        await poster.send(frame)
+        error = await poster.receive(timeout=15)
+        assert (error["type"], error["code"], error["ref"]) == (
+            "error",
+            "unavailable",
+            "locked-1",
+        )
+        # The worker answers meanwhile.
+        status, _, _ = await asyncio.to_thread(http_get, server, "/healthz")
+        assert status == 200
+        assert await reader.receive_nothing(timeout=0.5)
+        left = 10 - (asyncio.get_running_loop().time() - locked_at)
+        await asyncio.sleep(max(0.0, left))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    stored = await poster.post(frame["message"], client_id="locked-1")
+    assert (stored["type"], stored["client_id"]) == ("message", "locked-1")
+    assert (await reader.receive())["id"] == stored["id"]
+    again = await poster.post(frame["message"], client_id="locked-1")
+    assert again["id"] == stored["id"]  # the same row, acknowledged again
+    _, welcome = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    assert [m["message"] for m in welcome["messages"]] == ["while locked"]
+    assert "Traceback" not in server.output(limit=None)
+
+
+def http_get(server, path: str) -> tuple[int, dict, bytes]:
+    with urllib.request.urlopen(server.base_url + path, timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
