@@ -603,14 +603,18 @@ class PostgresServer:
             )
 
     def start(self) -> None:
+        """Creates the server and its database, or starts it again after stop()."""
+        again = self.data.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres", "postgres")
-        # Explicit UTF8: with no locale in the environment initdb picks SQL_ASCII.
-        self.run(
-            "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-            "--no-sync", "-E", "UTF8", "--locale=C.UTF-8",
-        )  # fmt: skip
+        if not again:
+            # Explicit UTF8: with no locale in the environment initdb picks
+            # SQL_ASCII.
+            self.run(
+                "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                "--no-sync", "-E", "UTF8", "--locale=C.UTF-8",
+            )  # fmt: skip
         # Durability is pointless here; -k keeps the socket out of /run/postgresql.
         options = (
             f"-p {self.port} -k {self.folder} -c listen_addresses={LOOPBACK} "
@@ -621,9 +625,11 @@ class PostgresServer:
             "pg_ctl", "start", "-w", "-s", "-D", str(self.data),
             "-l", str(self.log_path), "-o", options,
         )  # fmt: skip
-        self.run(
-            "createdb", "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", "chat"
-        )
+        if not again:
+            self.run(
+                "createdb", "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres",
+                "chat",
+            )  # fmt: skip
 
     def stop(self) -> None:
         """Stops the server (fast: open sessions are cut); the folder stays."""

@@ -7,16 +7,20 @@ the last one runs two workers on one SQLite file and one Redis.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sqlite3
+import tempfile
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from harness.client import ChatSocket
-from harness.processes import RedisServer
+from harness.processes import PostgresServer, RedisServer
 from tests.conftest import assert_event
 from tests.integration.conftest import (
     PASSWORD,
@@ -603,3 +607,54 @@ async def test_a_post_while_the_database_is_locked_is_unavailable_then_stored_on
 def http_get(server, path: str) -> tuple[int, dict, bytes]:
     with urllib.request.urlopen(server.base_url + path, timeout=10) as response:
         return response.status, dict(response.headers), response.read()
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test alone, so that it can be stopped."""
+    folder = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+    folder.chmod(0o755)  # run as the postgres user, it must reach its folder
+    server = PostgresServer(folder / "postgres")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_post_while_postgresql_is_down_is_unavailable_then_stored_once(
+    daphne_factory, ws_connect, postgres
+):
+    server = daphne_factory({"DATABASE_URL": postgres.url})
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    poster, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    reader, _ = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    frame = {"type": "message", "message": "while down", "client_id": "down-1"}
+
+    postgres.stop()
+    try:
+        await poster.send(frame)
+        error = await poster.receive(timeout=15)
+        assert (error["type"], error["code"], error["ref"]) == (
+            "error",
+            "unavailable",
+            "down-1",
+        )
+        assert await reader.receive_nothing(timeout=0.5)
+        status, _, _ = await asyncio.to_thread(http_get, server, "/healthz")
+        assert status == 200
+        # A new socket needs the database too: 1013, to try again later.
+        newcomer = await ws_connect(server, room, sessionid=bob.sessionid)
+        code, frames = await newcomer.receive_close(timeout=15)
+        assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+    finally:
+        postgres.start()
+
+    stored = await poster.post(frame["message"], client_id="down-1")
+    assert (stored["type"], stored["client_id"]) == ("message", "down-1")
+    assert (await reader.receive())["id"] == stored["id"]
+    _, welcome = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    assert [m["message"] for m in welcome["messages"]] == ["while down"]
