@@ -131,31 +131,45 @@ def test_every_path_in_architecture_exists(path):
 
 
 # ---------------------------------------------------------------------------
-# docs/security.md
+# docs/security.md, docs/reliability.md
 # ---------------------------------------------------------------------------
 
-SECURITY = (REPO_ROOT / "docs" / "security.md").read_text()
+# docs/security.md and docs/reliability.md name the tests that prove them: each
+# of those tests, and each test file named, must exist.
+PROOF_DOCS = ("security.md", "reliability.md")
 TEST_SOURCES = "\n".join(p.read_text() for p in (REPO_ROOT / "tests").rglob("*.py"))
 
 
-def security_tests() -> list[str]:
+def named_tests(doc: str) -> list[str]:
+    text = (REPO_ROOT / "docs" / doc).read_text()
     # Test names, not the test files of paths (`tests/test_api.py`).
-    return sorted(set(re.findall(r"(?<![/\w])(test_\w+)(?![\w.])", SECURITY)))
+    return sorted(set(re.findall(r"(?<![/\w])(test_\w+)(?![\w.])", text)))
 
 
-def test_the_security_doc_names_its_tests():
-    assert len(security_tests()) >= 40, security_tests()
+def named_test_files(doc: str) -> list[str]:
+    text = (REPO_ROOT / "docs" / doc).read_text()
+    return sorted(set(re.findall(r"`(tests/[\w/]+\.py)", text)))
 
 
-@pytest.mark.parametrize("name", security_tests())
-def test_every_test_the_security_doc_names_exists(name):
+@pytest.mark.parametrize(
+    ("doc", "least"), [("security.md", 40), ("reliability.md", 20)]
+)
+def test_the_proof_docs_name_their_tests(doc, least):
+    assert len(named_tests(doc)) >= least, named_tests(doc)
+
+
+@pytest.mark.parametrize(
+    ("doc", "name"), [(doc, name) for doc in PROOF_DOCS for name in named_tests(doc)]
+)
+def test_every_test_a_proof_doc_names_exists(doc, name):
     assert re.search(rf"def {name}\b", TEST_SOURCES), (
-        f"docs/security.md names {name}: no such test"
+        f"docs/{doc} names {name}: no such test"
     )
 
 
 @pytest.mark.parametrize(
-    "path", sorted(set(re.findall(r"`(tests/[\w/]+\.py)", SECURITY)))
+    ("doc", "path"),
+    [(doc, path) for doc in PROOF_DOCS for path in named_test_files(doc)],
 )
-def test_every_test_file_the_security_doc_names_exists(path):
-    assert (REPO_ROOT / path).exists(), f"docs/security.md names {path}"
+def test_every_test_file_a_proof_doc_names_exists(doc, path):
+    assert (REPO_ROOT / path).exists(), f"docs/{doc} names {path}"
