@@ -296,12 +296,18 @@ class ChatSocket(EventReader):
 # ---------------------------------------------------------------------------
 
 
+# The most messages one `history` request may ask for (CHAT_HISTORY_MAX).
+HISTORY_MAX = 200
+
+
 class ChatPage:
     """One user's page in one room, reading every frame as it comes.
 
     On 1001/1006/1012/1013 it reconnects (backoff from 0.1 s, up to 1 s) with
     ?since=<last seq> and resends what the room has not echoed yet, with the
-    same client_id. Records every message (by seq), every other frame and every
+    same client_id. A hole in the seqs it holds (a broadcast the layer dropped,
+    or one its worker died before sending) it fills with `history`, as the
+    page does. Records every message (by seq), every other frame and every
     close code. `diagnose()` adds to a failure message (e.g. the servers' logs).
     """
 
@@ -335,6 +341,9 @@ class ChatPage:
         self.closes: list[int] = []
         self.refused: list[str] = []
         self.unacked: dict[str, dict] = {}
+        # The `before` of each hole asked for with `history` (once each: a
+        # deleted message leaves a hole that history never fills).
+        self.holes_asked: set[int] = set()
         # The member list as this page shows it: welcome, then presence diffs.
         self.view: set[str] = set()
         self.connection: ClientConnection | None = None
@@ -432,8 +441,23 @@ class ChatPage:
         elif frame["type"] == "message":
             self.live_seqs.append(frame["seq"])
             self.remember(frame)
+            await self.fill_holes()
+        elif frame["type"] == "history":
+            for message in frame["messages"]:
+                self.remember(message)
         else:
             self.frames.append(frame)
+
+    async def fill_holes(self) -> None:
+        """Asks for the messages missing below the newest one it holds."""
+        seqs = sorted(self.messages)
+        for below, above in zip(seqs, seqs[1:], strict=False):
+            if above - below > 1 and above not in self.holes_asked:
+                self.holes_asked.add(above)
+                # At most the server's default CHAT_HISTORY_MAX; what is
+                # left of a longer hole is a hole of its own, asked next.
+                limit = min(above - below - 1, HISTORY_MAX)
+                await self.send({"type": "history", "before": above, "limit": limit})
 
     def remember(self, message: dict) -> None:
         self.messages[message["seq"]] = message

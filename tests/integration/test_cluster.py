@@ -623,3 +623,84 @@ async def test_two_redis_servers_shard_rooms_and_fan_out_reaches_every_worker(cl
         for group in groups.values():
             for client in group:
                 await client.stop()
+
+
+# ---------------------------------------------------------------------------
+# Ordering under churn
+# ---------------------------------------------------------------------------
+
+SENDERS, RECEIVERS, PER_SENDER = 5, 10, 200
+
+
+@pytest.fixture(scope="module")
+def churn_cluster() -> Iterator[Cluster]:
+    """Three workers of its own (two of them go down), posts unlimited."""
+    env = {**CLUSTER_ENV, "CHAT_RATE_MESSAGES": "1000000"}
+    with Cluster(workers=3, env=env) as cluster:
+        yield cluster
+
+
+def stored_bodies(cluster: Cluster, room: str) -> list[tuple[int, str]]:
+    with psycopg.connect(cluster.database_url, autocommit=True) as db:
+        return db.execute(
+            "SELECT m.seq, m.body FROM chat_message m"
+            " JOIN chat_room r ON r.id = m.room_id WHERE r.slug = %s ORDER BY m.seq",
+            (room,),
+        ).fetchall()
+
+
+async def test_five_senders_keep_their_order_while_one_worker_stops_and_one_dies(
+    churn_cluster, clients
+):
+    cluster = churn_cluster
+    room = unique_name("churn")
+    users = make_users(cluster, SENDERS + RECEIVERS, rooms=[room])
+    pages = await clients(cluster, room, users)
+    senders = pages[:SENDERS]
+    posted = 0
+
+    async def send_all(index: int, page: ChatPage) -> None:
+        nonlocal posted
+        for n in range(PER_SENDER):
+            await page.post(f"s{index}-{n:03d}")
+            posted += 1
+            await asyncio.sleep(0.01)
+
+    sending = asyncio.gather(*(send_all(i, page) for i, page in enumerate(senders)))
+    total = SENDERS * PER_SENDER
+    await eventually(
+        lambda: posted >= total // 3, what="a third posted", cluster=cluster
+    )
+    stopped = asyncio.to_thread(cluster.kill_worker, 0, signal.SIGTERM)
+    await eventually(lambda: posted >= total // 2, what="half posted", cluster=cluster)
+    assert await asyncio.to_thread(cluster.kill_worker, 1, signal.SIGKILL) == (
+        -signal.SIGKILL
+    )
+    assert await stopped == 0
+    await sending
+    await eventually(
+        lambda: all(not page.unacked for page in senders),
+        what=lambda: (
+            "every post acknowledged; unacked: "
+            + str({p.username: len(p.unacked) for p in senders if p.unacked})
+        ),
+        cluster=cluster,
+        timeout=3 * TIMEOUT,
+    )
+
+    stored = stored_bodies(cluster, room)
+    # Each post once, no gap in seq, each sender's posts in the order sent.
+    assert [seq for seq, _ in stored] == list(range(1, total + 1))
+    assert sorted(body for _, body in stored) == sorted(
+        f"s{i}-{n:03d}" for i in range(SENDERS) for n in range(PER_SENDER)
+    )
+    for i in range(SENDERS):
+        mine = [body for _, body in stored if body.startswith(f"s{i}-")]
+        assert mine == sorted(mine), f"sender {i} out of order"
+    # Every page, reconnecting as pages do, ends with the database's sequence.
+    await wait_all_have(cluster, pages, total)
+    for page in pages:
+        assert [(s, page.messages[s]["message"]) for s in sorted(page.messages)] == (
+            stored
+        ), page.username
+    assert any(page.closes for page in pages), "no page was moved at all"
