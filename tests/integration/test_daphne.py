@@ -346,6 +346,34 @@ async def test_logout_and_a_new_password_close_sockets_on_every_worker(
 # Moderation across a Redis restart
 # ---------------------------------------------------------------------------
 
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone, so that it can be stopped or hung."""
+    redis = RedisServer()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        if redis.process is not None and redis.process.poll() is None:
+            redis.process.send_signal(signal.SIGCONT)  # if a test hung it
+        redis.stop()
+
+
+async def connect_when_ready(server, ws_connect, room: str, sessionid: str, **options):
+    """Connects as a page does after a 1013: again, until the welcome comes."""
+    for _ in range(100):
+        socket = await ws_connect(server, room, sessionid=sessionid, **options)
+        try:
+            frame = await socket.receive()
+        except ConnectionClosed:
+            frame = None
+        if frame is not None and frame["type"] == "welcome":
+            return socket, frame
+        await asyncio.sleep(0.2)
+    raise AssertionError("the worker never took sockets again")
+
+
 DELETE_SCRIPT = """
 from chat import moderation
 from chat.models import Message
@@ -355,47 +383,34 @@ moderation.message_delete(message=message, actor=None)
 
 
 async def test_a_deletion_lost_while_redis_was_away_reaches_the_resuming_page(
-    daphne_factory, ws_connect
+    daphne_factory, ws_connect, own_redis
 ):
-    redis = RedisServer()
+    redis = own_redis
+    server = daphne_factory(redis_url=redis.url)
+    room = new_room(server)
+    alice = new_account(server.base_url, "alice")
+    socket, welcome = await ws_connect(
+        server, room, sessionid=alice.sessionid, welcome=True
+    )
+    seen = welcome["deletions"]
+    posted = [await post(socket, f"m{n}") for n in range(3)]
+
+    redis.stop()
+    code, _ = await socket.receive_close(timeout=30)
+    assert code == 1013
+    # A moderator deletes m1 meanwhile: stored, but its live event has no
+    # Redis to go through, and the page was away anyway.
+    server.manage("shell", "-c", DELETE_SCRIPT.format(room=room, seq=2))
     redis.start()
-    try:
-        server = daphne_factory(redis_url=redis.url)
-        room = new_room(server)
-        alice = new_account(server.base_url, "alice")
-        socket, welcome = await ws_connect(
-            server, room, sessionid=alice.sessionid, welcome=True
-        )
-        seen = welcome["deletions"]
-        posted = [await post(socket, f"m{n}") for n in range(3)]
 
-        redis.stop()
-        code, _ = await socket.receive_close(timeout=30)
-        assert code == 1013
-        # A moderator deletes m1 meanwhile: stored, but its live event has no
-        # Redis to go through, and the page was away anyway.
-        server.manage("shell", "-c", DELETE_SCRIPT.format(room=room, seq=2))
-        redis.start()
-
-        # Reconnect as the page does, until the worker has Redis back.
-        query = f"since={posted[-1]['seq']}&deletions={seen}"
-        welcome = None
-        for _ in range(100):
-            again = await ws_connect(
-                server, room, sessionid=alice.sessionid, query=query
-            )
-            frame = await again.receive()
-            if frame["type"] == "welcome":
-                welcome = frame
-                break
-            assert frame["code"] == "unavailable", frame
-            await asyncio.sleep(0.2)
-        assert welcome is not None, "the worker never took sockets again"
-        assert welcome["deleted"] == [{"id": posted[1]["id"], "seq": 2}]
-        assert welcome["deletions"] == seen + 1
-        assert welcome["messages"] == []
-    finally:
-        redis.stop()
+    # Reconnect as the page does, until the worker has Redis back.
+    query = f"since={posted[-1]['seq']}&deletions={seen}"
+    _, welcome = await connect_when_ready(
+        server, ws_connect, room, alice.sessionid, query=query
+    )
+    assert welcome["deleted"] == [{"id": posted[1]["id"], "seq": 2}]
+    assert welcome["deletions"] == seen + 1
+    assert welcome["messages"] == []
 
 
 async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
@@ -442,70 +457,45 @@ async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
 HANG_SECONDS = 15
 
 
-async def connect_when_ready(server, ws_connect, room: str, sessionid: str, **options):
-    """Connects as a page does after a 1013: again, until the welcome comes."""
-    for _ in range(100):
-        socket = await ws_connect(server, room, sessionid=sessionid, **options)
-        try:
-            frame = await socket.receive()
-        except ConnectionClosed:
-            frame = None
-        if frame is not None and frame["type"] == "welcome":
-            return socket, frame
-        await asyncio.sleep(0.2)
-    raise AssertionError("the worker never took sockets again")
-
-
 async def test_a_hung_redis_gets_unavailable_in_seconds_and_the_worker_recovers(
-    daphne_factory, ws_connect
+    daphne_factory, ws_connect, own_redis
 ):
-    redis = RedisServer()
-    redis.start()
+    redis = own_redis
+    server = daphne_factory(redis_url=redis.url)
+    room, quiet_room = new_room(server), new_room(server)
+    alice = new_account(server.base_url, "alice")
+    bob = new_account(server.base_url, "bob")
+    poster, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
+    reader, _ = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    pid = server.process.pid
+
+    redis.process.send_signal(signal.SIGSTOP)
+    stopped_at = asyncio.get_running_loop().time()
     try:
-        server = daphne_factory(redis_url=redis.url)
-        room, quiet_room = new_room(server), new_room(server)
-        alice = new_account(server.base_url, "alice")
-        bob = new_account(server.base_url, "bob")
-        poster, _ = await ws_connect(
-            server, room, sessionid=alice.sessionid, welcome=True
-        )
-        reader, _ = await ws_connect(
-            server, room, sessionid=bob.sessionid, welcome=True
-        )
-        pid = server.process.pid
-
-        redis.process.send_signal(signal.SIGSTOP)
-        stopped_at = asyncio.get_running_loop().time()
-        try:
-            # A room this worker has not joined needs Redis: 1013, not a hang
-            # until the connection's 30 s timeout.
-            newcomer = await ws_connect(server, quiet_room, sessionid=bob.sessionid)
-            code, frames = await newcomer.receive_close(timeout=HANG_SECONDS)
-            assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
-            # A post needs Redis for its count: unavailable, never a fake ack.
-            await poster.send(
-                {"type": "message", "message": "during", "client_id": "d"}
-            )
-            code, frames = await poster.receive_close(timeout=HANG_SECONDS)
-            assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
-            left = HANG_SECONDS - (asyncio.get_running_loop().time() - stopped_at)
-            await asyncio.sleep(max(0.0, left))
-        finally:
-            redis.process.send_signal(signal.SIGCONT)
-
-        # Back: the page reconnects, resends with the same client_id, and the
-        # socket that waited through it all hears it. No worker restarted.
-        again, welcome = await connect_when_ready(
-            server, ws_connect, room, alice.sessionid, query="since=0"
-        )
-        assert welcome["messages"] == []  # "during" was never stored
-        sent = await again.post("during", client_id="d")
-        assert sent["message"] == "during"
-        assert (await reader.receive())["id"] == sent["id"]
-        assert server.process.pid == pid and server.process.poll() is None
+        # A room this worker has not joined needs Redis: 1013, not a hang
+        # until the connection's 30 s timeout.
+        newcomer = await ws_connect(server, quiet_room, sessionid=bob.sessionid)
+        code, frames = await newcomer.receive_close(timeout=HANG_SECONDS)
+        assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+        # A post needs Redis for its count: unavailable, never a fake ack.
+        await poster.send({"type": "message", "message": "during", "client_id": "d"})
+        code, frames = await poster.receive_close(timeout=HANG_SECONDS)
+        assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+        left = HANG_SECONDS - (asyncio.get_running_loop().time() - stopped_at)
+        await asyncio.sleep(max(0.0, left))
     finally:
         redis.process.send_signal(signal.SIGCONT)
-        redis.stop()
+
+    # Back: the page reconnects, resends with the same client_id, and the
+    # socket that waited through it all hears it. No worker restarted.
+    again, welcome = await connect_when_ready(
+        server, ws_connect, room, alice.sessionid, query="since=0"
+    )
+    assert welcome["messages"] == []  # "during" was never stored
+    sent = await again.post("during", client_id="d")
+    assert sent["message"] == "during"
+    assert (await reader.receive())["id"] == sent["id"]
+    assert server.process.pid == pid and server.process.poll() is None
 
 
 async def test_a_resume_while_posts_go_on_ends_with_each_message_once_in_order(

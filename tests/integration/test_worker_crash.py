@@ -14,16 +14,26 @@ pytestmark = pytest.mark.integration
 LEASE_SECONDS = 2
 
 
+def two_workers(daphne_factory, env: dict[str, str] | None = None):
+    """Two workers on one SQLite file and one Redis, with a short lease, and a
+    user signed up on each: (one, two, alice, bob)."""
+    redis_url = daphne_factory.new_redis_url()
+    env = {"CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS), **(env or {})}
+    one = daphne_factory(env, redis_url=redis_url)
+    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
+    return (
+        one,
+        two,
+        new_account(one.base_url, "alice"),
+        new_account(two.base_url, "bob"),
+    )
+
+
 async def test_killed_workers_users_leave_within_twice_the_lease(
     daphne_factory, ws_connect
 ):
     """No disconnect handler runs after kill -9: the lease sweep must heal it."""
-    redis_url = daphne_factory.new_redis_url()
-    env = {"CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS)}
-    one = daphne_factory(env, redis_url=redis_url)
-    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
-    alice = new_account(one.base_url, "alice")
-    bob = new_account(two.base_url, "bob")
+    one, two, alice, bob = two_workers(daphne_factory)
 
     alice_ws, _ = await ws_connect(
         one, "general", sessionid=alice.sessionid, welcome=True
@@ -51,12 +61,7 @@ async def test_a_stalled_worker_whose_lease_was_taken_closes_its_sockets_to_rejo
 ):
     """A worker stopped past its lease is swept by a live one; when it runs again
     it must not go on serving sockets the cluster has forgotten."""
-    redis_url = daphne_factory.new_redis_url()
-    env = {"CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS)}
-    one = daphne_factory(env, redis_url=redis_url)
-    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
-    alice = new_account(one.base_url, "alice")
-    bob = new_account(two.base_url, "bob")
+    one, two, alice, bob = two_workers(daphne_factory)
     alice_ws, _ = await ws_connect(
         one, "general", sessionid=alice.sessionid, welcome=True
     )
@@ -90,15 +95,9 @@ async def test_a_socket_open_past_the_group_expiry_still_hears_its_room(
     """Redis forgets a group nobody joins again; the worker loop rejoins its
     groups in time, so a long-lived socket keeps hearing the other worker."""
     expiry = LEASE_SECONDS * 2
-    redis_url = daphne_factory.new_redis_url()
-    env = {
-        "CHAT_WORKER_LEASE_SECONDS": str(LEASE_SECONDS),
-        "CHAT_LAYER_GROUP_EXPIRY": str(expiry),
-    }
-    one = daphne_factory(env, redis_url=redis_url)
-    two = daphne_factory(env, redis_url=redis_url, db_path=one.db_path)
-    alice = new_account(one.base_url, "alice")
-    bob = new_account(two.base_url, "bob")
+    one, two, alice, bob = two_workers(
+        daphne_factory, {"CHAT_LAYER_GROUP_EXPIRY": str(expiry)}
+    )
     listener, _ = await ws_connect(
         one, "general", sessionid=alice.sessionid, welcome=True
     )
