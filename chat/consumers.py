@@ -257,8 +257,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     channel_name=self.channel_name
                 )
             except DatabaseError:
-                # The row stays until this worker's lease ends.
+                # The worker loop deletes the row once the database answers.
                 logger.warning("could not forget a closed socket: database error")
+                worker.socket_close_failed(self.channel_name)
 
     async def join_groups(self, *groups: str) -> None:
         self.groups_joined = groups

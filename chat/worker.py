@@ -45,6 +45,29 @@ def socket_closed(consumer: Closable) -> None:
     _sockets.discard(consumer)
 
 
+# Sockets that closed while the database did not answer: their presence rows
+# are forgotten by the worker loop once it does (else they would count as
+# online until this worker's lease ends).
+_unforgotten: set[str] = set()
+
+
+def socket_close_failed(channel_name: str) -> None:
+    """Notes a closed socket whose presence row could not be deleted."""
+    _unforgotten.add(channel_name)
+
+
+async def forget_closed_sockets() -> int:
+    """Deletes the rows of sockets whose close failed; returns how many went."""
+    forgotten = 0
+    for channel_name in list(_unforgotten):
+        await database_sync_to_async(presence.connection_close)(
+            channel_name=channel_name
+        )
+        _unforgotten.discard(channel_name)
+        forgotten += 1
+    return forgotten
+
+
 def queued_events() -> int:
     """Returns the events queued in the outboxes of this process's sockets."""
     return sum(len(figures[0]) for figures in _outboxes())
@@ -228,6 +251,7 @@ async def _worker_loop() -> None:
         try:
             if not is_draining():
                 await report_send_queues()
+            await forget_closed_sockets()
             await database_sync_to_async(presence.workers_sweep)()
             if presence.lease_taken():
                 # Stalled past the lease: a peer swept this worker's sockets

@@ -616,12 +616,17 @@ def postgres() -> Iterator[PostgresServer]:
 async def test_a_post_while_postgresql_is_down_is_unavailable_then_stored_once(
     daphne_factory, ws_connect, postgres
 ):
-    server = daphne_factory({"DATABASE_URL": postgres.url})
+    server = daphne_factory(
+        {"DATABASE_URL": postgres.url, "CHAT_WORKER_LEASE_SECONDS": "3"}
+    )
     room = new_room(server)
     alice = new_account(server.base_url, "alice")
     bob = new_account(server.base_url, "bob")
+    carol = new_account(server.base_url, "carol")
     poster, _ = await ws_connect(server, room, sessionid=alice.sessionid, welcome=True)
     reader, _ = await ws_connect(server, room, sessionid=bob.sessionid, welcome=True)
+    leaving, _ = await ws_connect(server, room, sessionid=carol.sessionid, welcome=True)
+    await poster.wait_presence(joins=[carol.username])
     frame = {"type": "message", "message": "while down", "client_id": "down-1"}
 
     postgres.stop()
@@ -640,9 +645,14 @@ async def test_a_post_while_postgresql_is_down_is_unavailable_then_stored_once(
         newcomer = await ws_connect(server, room, sessionid=bob.sessionid)
         code, frames = await newcomer.receive_close(timeout=15)
         assert (code, [f["code"] for f in frames]) == (1013, ["unavailable"])
+        # A socket that closes now cannot have its presence row deleted.
+        await leaving.close()
     finally:
         postgres.start()
 
+    # Once the database answers, the worker loop forgets that socket: carol
+    # leaves, rather than staying online until the worker's lease ends.
+    await poster.wait_presence(leaves=[carol.username], timeout=15)
     stored = await poster.post(frame["message"], client_id="down-1")
     assert (stored["type"], stored["client_id"]) == ("message", "down-1")
     assert (await reader.receive())["id"] == stored["id"]
