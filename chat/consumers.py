@@ -29,6 +29,7 @@ from chat.limits import (
     shared_counts,
 )
 from chat.models import Room
+from chat.origins import scope_header
 from chat.outbox import Outbox, OutboxLimits
 from chat.sender import sender
 
@@ -502,7 +503,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self, code: int, reason: str, *, level: int = logging.WARNING
     ) -> None:
         """Closes with `code`, logging who, from where and why."""
-        headers = dict(self.scope.get("headers") or ())
         security_log.log(
             level,
             "socket closed with %d (%s): user %s, address %s, origin %r, room %r",
@@ -510,7 +510,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             reason,
             self.user.pk if self.user is not None else "-",
             self.client_address() or "-",
-            headers.get(b"origin", b"").decode("latin-1"),
+            scope_header(self.scope, b"origin") or "",
             self.scope.get("url_route", {}).get("kwargs", {}).get("room", ""),
         )
         await self.close(code=code)

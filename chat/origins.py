@@ -21,7 +21,8 @@ from django.http.request import split_domain_port, validate_host
 security_log = logging.getLogger("chat.security")
 
 
-def _header(scope, name: bytes) -> str | None:
+def scope_header(scope, name: bytes) -> str | None:
+    """Returns header `name` (lower case) of an ASGI scope, or None."""
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
             return value.decode("latin-1")
@@ -35,7 +36,7 @@ def _secure(scope) -> bool:
     if proxy:
         name, value = proxy
         header = name.removeprefix("HTTP_").replace("_", "-").lower().encode()
-        return _header(scope, header) == value
+        return scope_header(scope, header) == value
     return False
 
 
@@ -63,12 +64,12 @@ def _origin_parts(url: str) -> tuple[str, str, int] | None:
 
 def origin_allowed(scope) -> bool:
     """Returns whether the handshake's Origin may open a socket."""
-    origin = _header(scope, b"origin")
+    origin = scope_header(scope, b"origin")
     if origin is None:
         return False
     if origin in settings.CSRF_TRUSTED_ORIGINS:
         return True
-    host = _header(scope, b"host")
+    host = scope_header(scope, b"host")
     if host is None:
         # HTTP/1.1 requires Host, so only an in-process test client lacks it:
         # then the host name alone, as channels checks it.
@@ -95,8 +96,8 @@ class OriginValidator:
             "socket refused with 403 (origin not allowed): user -, address %s, "
             "origin %r, host %r, path %r",
             client[0] if client else "-",
-            _header(scope, b"origin") or "",
-            _header(scope, b"host") or "",
+            scope_header(scope, b"origin") or "",
+            scope_header(scope, b"host") or "",
             scope.get("path", ""),
         )
         return await WebsocketDenier()(scope, receive, send)
