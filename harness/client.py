@@ -344,6 +344,7 @@ class ChatPage:
         # The `before` of each hole asked for with `history` (once each: a
         # deleted message leaves a hole that history never fills).
         self.holes_asked: set[int] = set()
+        self.floor: int | None = None  # the lowest seq it holds
         # The member list as this page shows it: welcome, then presence diffs.
         self.view: set[str] = set()
         self.connection: ClientConnection | None = None
@@ -441,26 +442,32 @@ class ChatPage:
         elif frame["type"] == "message":
             self.live_seqs.append(frame["seq"])
             self.remember(frame)
-            await self.fill_holes()
+            await self.fill_hole_below(frame["seq"])
         elif frame["type"] == "history":
             for message in frame["messages"]:
                 self.remember(message)
+            if frame["messages"]:
+                await self.fill_hole_below(frame["messages"][0]["seq"])
         else:
             self.frames.append(frame)
 
-    async def fill_holes(self) -> None:
-        """Asks for the messages missing below the newest one it holds."""
-        seqs = sorted(self.messages)
-        for below, above in zip(seqs, seqs[1:], strict=False):
-            if above - below > 1 and above not in self.holes_asked:
-                self.holes_asked.add(above)
-                # At most the server's default CHAT_HISTORY_MAX; what is
-                # left of a longer hole is a hole of its own, asked next.
-                limit = min(above - below - 1, HISTORY_MAX)
-                await self.send({"type": "history", "before": above, "limit": limit})
+    async def fill_hole_below(self, seq: int) -> None:
+        """Asks with `history` for the messages missing just below `seq`, as
+        the page does: down to the next one it holds, at most HISTORY_MAX at a
+        time (what is left is asked for when that answer comes)."""
+        if self.floor is None or seq - 1 <= self.floor or seq in self.holes_asked:
+            return
+        missing = 0
+        while missing < HISTORY_MAX and seq - missing - 1 not in self.messages:
+            missing += 1
+        if missing:
+            self.holes_asked.add(seq)
+            await self.send({"type": "history", "before": seq, "limit": missing})
 
     def remember(self, message: dict) -> None:
-        self.messages[message["seq"]] = message
+        seq = message["seq"]
+        self.messages[seq] = message
+        self.floor = seq if self.floor is None else min(self.floor, seq)
         if message["user"] == self.username:
             self.unacked.pop(message.get("client_id"), None)
 
