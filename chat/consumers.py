@@ -148,6 +148,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             on_overflow=self.close_too_slow,
             backlog=probe.buffered if probe is not None else None,
             on_sent=_count_sent,
+            write_frame=probe.write_frame if probe is not None else None,
         )
         try:
             user = self.scope.get("user")

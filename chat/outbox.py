@@ -10,6 +10,10 @@ that falls too far behind (too many frames or bytes queued) or whose
 transport has not drained for a set time is closed with 4008: it reconnects
 and resumes with ?since, so it loses nothing it cannot get back. The gorilla
 chat hub's writePump and its `send` channel are the model.
+
+Where the server lets it (daphne, through chat.transport's probe), a round
+builds each distinct frame once and writes those bytes to every socket that
+has the same events queued: in a room's fan-out that is one frame for all.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from chat.transport import PreparedFrame, prepare_text_frame
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +91,17 @@ class Flusher:
         task.add_done_callback(_log_failure)
 
     async def _write_round(self, due: list[Outbox]) -> None:
+        frames: FrameCache = {}
         for outbox in due:
-            await outbox._write_due()
+            await outbox._write_due(frames)
         # On daphne the round ran in one go: that is when the writes ended.
         self._last_round_end = self._loop.time()
 
 
 _flusher = Flusher()
+
+# The frames built in one write round, by (batched, the events' texts).
+FrameCache = dict[tuple[bool, tuple[str, ...]], PreparedFrame]
 
 
 class Outbox:
@@ -106,8 +116,11 @@ class Outbox:
         on_overflow: Callable[[str, int], Awaitable[None]],
         backlog: Callable[[], int] | None = None,
         on_sent: Callable[[int, int], None] | None = None,
+        write_frame: Callable[[PreparedFrame], bool] | None = None,
     ) -> None:
         self._send_text = send_text
+        # Writes a prepared frame to the transport, if the server allows it.
+        self._write_frame = write_frame
         self.limits = limits
         self.batch = batch
         self._on_overflow = on_overflow
@@ -191,7 +204,7 @@ class Outbox:
         task = asyncio.ensure_future(self._on_overflow(reason, dropped))
         task.add_done_callback(_log_failure)
 
-    async def _write_due(self) -> None:
+    async def _write_due(self, frames: FrameCache | None = None) -> None:
         """Writes what is queued, in the flusher's round when that cannot wait."""
         if self._writing or self._writer is not None:
             return
@@ -207,7 +220,7 @@ class Outbox:
                     # queue is empty.
                     self._writer = asyncio.get_running_loop().create_task(self._write())
                     return
-                await self._send_queued()
+                await self._send_queued(frames)
         except Exception:
             # The socket went away under the round: it ends on its own (its
             # disconnect); the round goes on with the others.
@@ -239,21 +252,32 @@ class Outbox:
                 return False
         return True
 
-    async def _send_queued(self) -> None:
+    async def _send_queued(self, frames: FrameCache | None = None) -> None:
         queue = self.queue
         if self.batch:
-            texts = list(queue)
+            texts = tuple(queue)
             queue.clear()
             self.queued_bytes = 0
-            text = "[" + ",".join(texts) + "]"
         else:
-            texts = [queue.popleft()]
-            text = texts[0]
-            self.queued_bytes -= len(text)
+            texts = (queue.popleft(),)
+            self.queued_bytes -= len(texts[0])
         # Counted as it is handed to the server, before the send may wait.
         if self._on_sent is not None:
             self._on_sent(1, len(texts))
-        await self._send_with_deadline(text)
+        if self._write_frame is None:
+            await self._send_with_deadline(self._frame_text(texts))
+            return
+        key = (self.batch, texts)
+        frame = frames.get(key) if frames is not None else None
+        if frame is None:
+            frame = prepare_text_frame(self._frame_text(texts))
+            if frames is not None:
+                frames[key] = frame
+        if not self._write_frame(frame):
+            await self._send_with_deadline(frame.text)
+
+    def _frame_text(self, texts: tuple[str, ...]) -> str:
+        return "[" + ",".join(texts) + "]" if self.batch else texts[0]
 
     async def _send_with_deadline(self, text: str) -> None:
         if self._backlog is not None:

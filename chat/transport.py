@@ -12,6 +12,12 @@ WebSocket library (autobahn) lets an application close only with 1000 or
 1013 (try again later) for exactly that, and a page that never hears them
 stays on a socket that no longer gets its room's messages.
 
+The probe can also write a prepared frame (`prepare_text_frame`) straight to
+the transport: a room's broadcast is the same frame for every socket that has
+the same events queued, and a server's frames are not masked, so a write round
+builds it once and hands the same bytes to each socket, where autobahn would
+build and encode it once per socket (gorilla's PreparedMessage does the same).
+
 And it makes autobahn fail a connection the way RFC 6455 (section 7.1.7) says
 it should: a close frame with the reason's code (1002 protocol error, 1007
 invalid UTF-8, 1009 too big) before the TCP connection ends, where daphne's
@@ -20,7 +26,9 @@ factory would drop it without a word and the client sees only 1006.
 
 from __future__ import annotations
 
+import struct
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from chat import protocol
@@ -51,6 +59,32 @@ def server_close(protocol: Any, code: int | None = None) -> None:
         protocol.sendClose(code=code)
 
 
+# RFC 6455 section 5.2: FIN and the text opcode; a server's frames carry no mask.
+_FIN_TEXT = 0x81
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedFrame:
+    """One text message, and its whole unmasked WebSocket frame."""
+
+    text: str
+    data: bytes
+    payload_size: int
+
+
+def prepare_text_frame(text: str) -> PreparedFrame:
+    """Builds the frame a server sends for `text` (unfragmented, uncompressed)."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", _FIN_TEXT, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", _FIN_TEXT, 126, size)
+    else:
+        header = struct.pack("!BBQ", _FIN_TEXT, 127, size)
+    return PreparedFrame(text, header + payload, size)
+
+
 class TransportProbe:
     """Reads the unsent bytes of one daphne WebSocket's Twisted transport."""
 
@@ -68,6 +102,28 @@ class TransportProbe:
         data = getattr(transport, "dataBuffer", b"")
         offset = getattr(transport, "offset", 0)
         return len(data) - offset + getattr(transport, "_tempDataLen", 0)
+
+    def write_frame(self, frame: PreparedFrame) -> bool:
+        """Writes a prepared frame as autobahn's sendMessage would; False if it cannot.
+
+        Only where sendMessage would write that same frame at once: the socket
+        is open, nothing of autobahn's is queued or half sent, no compression
+        was negotiated and the message is within its fragment and size limits.
+        Otherwise the caller sends the text the usual way.
+        """
+        protocol = self._protocol()
+        if (
+            protocol is None
+            or protocol.state != protocol.STATE_OPEN
+            or protocol.send_state != protocol.SEND_STATE_GROUND
+            or protocol.send_queue
+            or protocol._perMessageCompress is not None
+            or 0 < protocol.autoFragmentSize < frame.payload_size
+            or 0 < protocol.maxMessagePayloadSize < frame.payload_size
+        ):
+            return False
+        protocol.transport.write(frame.data)
+        return True
 
 
 def scope_probe(scope: dict[str, Any]) -> TransportProbe | None:

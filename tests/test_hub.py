@@ -499,3 +499,70 @@ async def test_finishing_an_outbox_writes_what_it_held_then_the_last_event(
     outbox.push('"after"')
     await asyncio.sleep(0.1)  # a round would have written it by now
     assert sent == frames
+
+
+@pytest.mark.parametrize(
+    "text", ["", '"a"', "é" * 63, "é" * 64, "x" * 65535, "✓" * 30000]
+)
+def test_a_prepared_frame_is_the_text_frame_a_websocket_client_reads(text):
+    """Byte lengths, not character counts, choose the header (7, 16 or 64 bits)."""
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from chat.transport import prepare_text_frame
+
+    frame = prepare_text_frame(text)
+    reader = StreamReader()
+    reader.feed_data(frame.data)
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=False)
+    with pytest.raises(StopIteration) as parsed:
+        next(parser)
+    read = parsed.value.value
+    assert read.opcode == Opcode.TEXT and read.fin and not read.rsv1
+    assert read.data.decode() == text and frame.payload_size == len(text.encode())
+    assert reader.at_eof()
+
+
+async def test_a_write_round_builds_one_frame_for_the_sockets_with_the_same_events():
+    """A room's fan-out: the sockets that have the same events queued get the
+    very same bytes, built once; a socket with other events or without
+    batches gets its own frame."""
+    written: list[list[bytes]] = [[] for _ in range(5)]
+
+    def writer(n):
+        def write_frame(frame) -> bool:
+            written[n].append(frame.data)
+            return True
+
+        return write_frame
+
+    sent: list[str] = []
+    outboxes = [
+        outbox_for(sent, [], backlog=lambda: 0, batch=n != 4, write_frame=writer(n))
+        for n in range(5)
+    ]
+    for outbox in outboxes:
+        outbox.start()
+    texts = ['"a"', '"b"']
+    for n, outbox in enumerate(outboxes):
+        for text in texts if n != 3 else [*texts, '"c"']:
+            outbox.push(text)
+    await until(lambda: all(written[n] for n in range(4)) and len(written[4]) == 2)
+    first = written[0][0]
+    assert first.endswith(b'["a","b"]')
+    assert written[1][0] is first and written[2][0] is first
+    assert written[3][0].endswith(b'["a","b","c"]')
+    assert [w[-3:] for w in written[4]] == [b'"a"', b'"b"'] and sent == []
+
+
+async def test_an_outbox_sends_the_text_when_the_transport_takes_no_prepared_frame():
+    sent: list[str] = []
+    outbox = outbox_for(
+        sent, [], backlog=lambda: 0, batch=True, write_frame=lambda frame: False
+    )
+    outbox.start()
+    outbox.push('"a"')
+    outbox.push('"b"')
+    await until(lambda: sent)
+    assert sent == ['["a","b"]']
