@@ -114,11 +114,20 @@ class Worker(Daphne):
 
 
 def nginx_config(
-    prefix: Path, *, listen: str, upstreams: Iterable[int], static_root: Path
+    prefix: Path,
+    *,
+    listen: str,
+    upstreams: Iterable[int],
+    static_root: Path,
+    idle_timeout: str | None = None,
 ) -> str:
-    """Returns deploy/nginx.conf filled in for nginx under `prefix`."""
+    """Returns deploy/nginx.conf filled in for nginx under `prefix`.
+
+    `idle_timeout` (an nginx time, e.g. "3s") replaces the hour a proxied
+    socket may be quiet (proxy_read_timeout and proxy_send_timeout).
+    """
     servers = [f"server 127.0.0.1:{port} {UPSTREAM_OPTIONS};" for port in upstreams]
-    return render_template(
+    config = render_template(
         NGINX_TEMPLATE.read_text(),
         {
             "PREFIX": str(prefix),
@@ -127,6 +136,17 @@ def nginx_config(
             "STATIC_ROOT": str(static_root),
         },
     )
+    if idle_timeout is None:
+        return config
+    config, replaced = re.subn(
+        r"^(\s*proxy_(?:read|send)_timeout) 1h;$",
+        rf"\1 {idle_timeout};",
+        config,
+        flags=re.MULTILINE,
+    )
+    if replaced != 2:
+        raise ClusterError("deploy/nginx.conf no longer sets the two proxy timeouts")
+    return config
 
 
 # ---------------------------------------------------------------------------
