@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 # Seconds between looks at a transport that is not draining.
 BACKLOG_POLL_SECONDS = 0.05
 
+# The most characters one batched frame carries. daphne refuses to send a
+# message over its websocket_max_message_size (1 MiB by default), and an
+# event's text is UTF-8 of up to 4 bytes a character, so a batch stays under
+# a quarter of that; the rest of the queue follows in the next frame.
+MAX_BATCH_FRAME_CHARS = 256 * 1024
+
 REASON_FRAMES = "frames"
 REASON_BYTES = "bytes"
 REASON_STALLED = "stalled"
@@ -181,7 +187,11 @@ class Outbox:
         """
         texts = [*self.queue, last]
         self.stop()
-        frames = ["[" + ",".join(texts) + "]"] if self.batch else texts
+        frames = (
+            ["[" + ",".join(batch) + "]" for batch in split_batches(texts)]
+            if self.batch
+            else texts
+        )
         if self._on_sent is not None:
             self._on_sent(len(frames), len(texts))
         for frame in frames:
@@ -255,9 +265,12 @@ class Outbox:
     async def _send_queued(self, frames: FrameCache | None = None) -> None:
         queue = self.queue
         if self.batch:
-            texts = tuple(queue)
-            queue.clear()
-            self.queued_bytes = 0
+            if self.queued_bytes + len(queue) < MAX_BATCH_FRAME_CHARS:
+                texts = tuple(queue)
+                queue.clear()
+                self.queued_bytes = 0
+            else:
+                texts = self._take_batch()
         else:
             texts = (queue.popleft(),)
             self.queued_bytes -= len(texts[0])
@@ -276,6 +289,20 @@ class Outbox:
         if not self._write_frame(frame):
             await self._send_with_deadline(frame.text)
 
+    def _take_batch(self) -> tuple[str, ...]:
+        """Takes the oldest events that fit in one batched frame (at least one)."""
+        queue = self.queue
+        taken: list[str] = []
+        size = 2
+        while queue and (
+            not taken or size + len(queue[0]) + 1 <= MAX_BATCH_FRAME_CHARS
+        ):
+            text = queue.popleft()
+            taken.append(text)
+            size += len(text) + 1
+            self.queued_bytes -= len(text)
+        return tuple(taken)
+
     def _frame_text(self, texts: tuple[str, ...]) -> str:
         return "[" + ",".join(texts) + "]" if self.batch else texts[0]
 
@@ -290,6 +317,19 @@ class Outbox:
             await asyncio.wait_for(self._send_text(text), self.limits.stall_seconds)
         except TimeoutError:
             self._overflow(REASON_STALLED)
+
+
+def split_batches(texts: list[str]) -> list[list[str]]:
+    """Splits events into runs that each fit in one batched frame, in order."""
+    batches: list[list[str]] = [[]]
+    size = 2
+    for text in texts:
+        if batches[-1] and size + len(text) + 1 > MAX_BATCH_FRAME_CHARS:
+            batches.append([])
+            size = 2
+        batches[-1].append(text)
+        size += len(text) + 1
+    return batches
 
 
 def _log_failure(task: asyncio.Task) -> None:

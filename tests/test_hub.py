@@ -566,3 +566,32 @@ async def test_an_outbox_sends_the_text_when_the_transport_takes_no_prepared_fra
     outbox.push('"b"')
     await until(lambda: sent)
     assert sent == ['["a","b"]']
+
+
+@pytest.mark.parametrize("finish", [False, True])
+async def test_a_batch_larger_than_daphne_sends_goes_out_in_several_frames(finish):
+    """daphne refuses to send a message over 1 MiB, and an event's text is UTF-8
+    of up to 4 bytes a character: a queue of 300 posts of 2,000 emoji (2.4 MB)
+    goes out as several frames under that limit, every event once, in order."""
+    sent: list[str] = []
+    outbox = outbox_for(
+        sent,
+        [],
+        batch=True,
+        backlog=lambda: 0,
+        limits={"max_frames": 1000, "max_bytes": 1024 * 1024},
+    )
+    texts = [json.dumps(f"{n}:" + "😀" * 2000, ensure_ascii=False) for n in range(300)]
+    for text in texts:
+        outbox.push(text)
+    if finish:
+        await outbox.finish(texts[-1])
+        texts.append(texts[-1])
+    else:
+        outbox.start()
+        await until(lambda: sum(len(json.loads(frame)) for frame in sent) == 300)
+    assert len(sent) > 1
+    assert all(len(frame.encode()) <= 1024 * 1024 for frame in sent)
+    assert [event for frame in sent for event in json.loads(frame)] == [
+        json.loads(text) for text in texts
+    ]
