@@ -86,7 +86,8 @@ def prepare_text_frame(text: str) -> PreparedFrame:
 
 
 class TransportProbe:
-    """Reads the unsent bytes of one daphne WebSocket's Twisted transport."""
+    """Reads the unsent bytes of one daphne WebSocket's Twisted transport, and
+    writes prepared frames to it."""
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = weakref.ref(protocol)
