@@ -192,11 +192,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Posts refused for the rate limit, for a client that will not stop.
         self.rate_refusals = TokenBucket(settings.CHAT_BAD_FRAMES_PER_MINUTE, 60)
 
-        since = deletions = None
+        since = deletions = backlog = None
         query = self.scope.get("query_string", b"")
         try:
             since = protocol.parse_since(query)
             deletions = protocol.parse_since(query, "deletions")
+        except protocol.ProtocolError as error:
+            await self.send_direct(self.error_event(error))
+        try:
+            backlog = protocol.parse_backlog(query, settings.CHAT_HISTORY_PAGE)
         except protocol.ProtocolError as error:
             await self.send_direct(self.error_event(error))
 
@@ -220,6 +224,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     address=self.client_address(),
                     since=since,
                     deletions=deletions,
+                    backlog=backlog,
                 )
             )
         except services.SocketRefused as refused:

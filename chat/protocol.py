@@ -75,6 +75,7 @@ ERROR_INVALID_MESSAGE = "invalid_message"
 ERROR_INVALID_CLIENT_ID = "invalid_client_id"
 ERROR_INVALID_FIELD = "invalid_field"
 ERROR_INVALID_SINCE = "invalid_since"
+ERROR_INVALID_BACKLOG = "invalid_backlog"
 ERROR_RATE_LIMITED = "rate_limited"
 ERROR_ROOM_CLOSED = "room_closed"
 ERROR_UNAVAILABLE = "unavailable"
@@ -303,6 +304,21 @@ def parse_since(query_string: bytes | str, name: str = "since") -> int | None:
     return int(value)
 
 
+def parse_backlog(query_string: bytes | str, maximum: int) -> int | None:
+    """Returns how many of the latest messages a connect URL asks `welcome` to
+    carry (`?backlog=0`: none, for a client that wants only what comes next),
+    or None if it does not say."""
+    try:
+        value = parse_since(query_string, "backlog")
+    except ProtocolError:
+        value = -1
+    if value is not None and not 0 <= value <= maximum:
+        raise ProtocolError(
+            ERROR_INVALID_BACKLOG, f"backlog must be an integer from 0 to {maximum}"
+        )
+    return value
+
+
 # ---------------------------------------------------------------------------
 # Server events
 # ---------------------------------------------------------------------------
@@ -335,6 +351,7 @@ class WelcomeEvent(TypedDict):
     closed: bool
     deletions: int
     deleted: list[DeletedRef]
+    last_seq: int
 
 
 class MembersEvent(TypedDict):
@@ -455,13 +472,15 @@ def event_welcome(
     closed: bool = False,
     deletions: int = 0,
     deleted: list[DeletedRef] | None = None,
+    last_seq: int = 0,
 ) -> WelcomeEvent:
     """Returns the `welcome` event sent right after a socket is accepted.
 
     `members` is the first page of the sorted member list; `member_count`
     counts them all, and `members_more` says a `members` request gets more.
     `deletions` is the room's last deletion number; `deleted`, on a resume
-    that gave the last one it saw, the messages deleted since.
+    that gave the last one it saw, the messages deleted since. `last_seq` is
+    the room's newest seq, for a client that took no backlog to resume from.
     """
     return {
         "type": "welcome",
@@ -475,6 +494,7 @@ def event_welcome(
         "closed": closed,
         "deletions": deletions,
         "deleted": deleted or [],
+        "last_seq": last_seq,
     }
 
 

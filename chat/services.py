@@ -286,6 +286,7 @@ def room_welcome(
     deletions: int | None = None,
     members_page: int | None = None,
     shared: dict | None = None,
+    backlog: int | None = None,
 ) -> protocol.WelcomeEvent:
     """Returns the `welcome` event: members and the backlog (or what was missed).
 
@@ -296,7 +297,8 @@ def room_welcome(
     The member list is the first `members_page` of them (default
     CHAT_MEMBERS_PAGE); a client asks for the rest with `members`. Welcomes
     built with the same `shared` dict read the room's latest page and members
-    once (the sockets of one handshake batch).
+    once (the sockets of one handshake batch). Without `since`, `backlog`
+    (at most `page_size`) keeps only that many of the latest messages.
     """
     shared = {} if shared is None else shared
     page = None
@@ -307,6 +309,9 @@ def room_welcome(
         if key not in shared:
             shared[key] = room_history(room=room, before=None, limit=page_size)
         page = shared[key]
+        if since is None and backlog is not None and backlog < len(page.events):
+            kept = page.events[len(page.events) - backlog :]
+            page = MessagePage(events=kept, has_more=True)
     limit = settings.CHAT_MEMBERS_PAGE if members_page is None else members_page
     key = ("members", room.pk, limit)
     if key not in shared:
@@ -332,6 +337,8 @@ def room_welcome(
         closed=room.is_closed,
         deletions=deletions_now,
         deleted=deleted,
+        # The room row may be older than the page read after it.
+        last_seq=max([room.last_seq, *(event["seq"] for event in page.events[-1:])]),
     )
 
 
@@ -382,6 +389,8 @@ class SocketRequest:
     address: str = ""
     since: int | None = None
     deletions: int | None = None
+    # How many of the latest messages the welcome carries (None: a page).
+    backlog: int | None = None
 
 
 def sockets_open(
@@ -435,6 +444,7 @@ def sockets_open(
                     user=request.user,
                     since=request.since,
                     deletions=request.deletions,
+                    backlog=request.backlog,
                     page_size=settings.CHAT_HISTORY_PAGE,
                     resume_max=settings.CHAT_RESUME_MAX,
                     shared=shared,

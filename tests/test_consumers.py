@@ -716,6 +716,57 @@ async def test_invalid_since_gets_error_then_a_normal_welcome(connect, alice, ro
     assert seqs(welcome) == [1]
 
 
+async def test_backlog_0_welcomes_with_no_messages_then_only_what_comes_next(
+    connect, alice, bob, room
+):
+    """A bot or a ticker asks for no backlog: its welcome carries none, says
+    older ones exist, and gives the newest seq to resume from."""
+    await seed("lobby", 3, alice)
+    ticker, welcome = await connect(alice, query="backlog=0")
+    assert welcome["messages"] == [] and welcome["has_more"] is True
+    assert welcome["last_seq"] == 3
+    b, _ = await connect(bob)
+    await post(b, "next")
+    live = await ticker.receive_type("message")
+    assert live["seq"] == 4 and live["message"] == "next"
+    _, resumed = await connect(alice, query=f"since={welcome['last_seq']}")
+    assert seqs(resumed) == [4]
+
+
+async def test_backlog_n_keeps_the_latest_n_and_since_wins_over_it(
+    connect, alice, room
+):
+    await seed("lobby", 3, alice)
+    _, welcome = await connect(alice, query="backlog=2")
+    assert seqs(welcome) == [2, 3] and welcome["has_more"] is True
+    _, welcome = await connect(alice, query="backlog=5")
+    assert seqs(welcome) == [1, 2, 3] and welcome["has_more"] is False
+    _, welcome = await connect(alice, query="since=1&backlog=0")
+    assert seqs(welcome) == [2, 3]
+
+
+async def test_backlog_0_in_an_empty_room_says_nothing_is_older(connect, alice, room):
+    _, welcome = await connect(alice, query="backlog=0")
+    assert welcome["messages"] == [] and welcome["has_more"] is False
+    assert welcome["last_seq"] == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "51", ""])
+async def test_invalid_backlog_gets_error_then_a_normal_welcome(
+    connect, alice, room, settings, value
+):
+    settings.CHAT_HISTORY_PAGE = 50
+    await seed("lobby", 1, alice)
+    a = await connect(alice, query=f"backlog={value}", welcome=False)
+    if value == "":
+        # An empty value is no value: an ordinary welcome, no error.
+        welcome = await a.receive_type("welcome")
+    else:
+        await assert_error(a, protocol.ERROR_INVALID_BACKLOG)
+        welcome = await a.receive_type("welcome")
+    assert seqs(welcome) == [1]
+
+
 async def test_welcome_costs_the_same_queries_for_any_backlog(alice, room):
     """Query-count guard: the welcome must not cost a query per message."""
     from django.db import connection
