@@ -185,15 +185,14 @@ class Outbox:
         What it still holds and then `last` are written at once, in one frame
         when batched, so that the client reads them before the close frame.
         """
-        texts = [*self.queue, last]
+        self.queue.append(last)
+        events = len(self.queue)
+        frames = []
+        while self.queue:
+            frames.append(self._frame_text(self._take()))
         self.stop()
-        frames = (
-            ["[" + ",".join(batch) + "]" for batch in split_batches(texts)]
-            if self.batch
-            else texts
-        )
         if self._on_sent is not None:
-            self._on_sent(len(frames), len(texts))
+            self._on_sent(len(frames), events)
         for frame in frames:
             await self._send_text(frame)
 
@@ -263,17 +262,7 @@ class Outbox:
         return True
 
     async def _send_queued(self, frames: FrameCache | None = None) -> None:
-        queue = self.queue
-        if self.batch:
-            if self.queued_bytes + len(queue) < MAX_BATCH_FRAME_CHARS:
-                texts = tuple(queue)
-                queue.clear()
-                self.queued_bytes = 0
-            else:
-                texts = self._take_batch()
-        else:
-            texts = (queue.popleft(),)
-            self.queued_bytes -= len(texts[0])
+        texts = self._take()
         # Counted as it is handed to the server, before the send may wait.
         if self._on_sent is not None:
             self._on_sent(1, len(texts))
@@ -289,9 +278,18 @@ class Outbox:
         if not self._write_frame(frame):
             await self._send_with_deadline(frame.text)
 
-    def _take_batch(self) -> tuple[str, ...]:
-        """Takes the oldest events that fit in one batched frame (at least one)."""
+    def _take(self) -> tuple[str, ...]:
+        """Takes the events of the next frame: one, or as many as fit in a batch."""
         queue = self.queue
+        if not self.batch:
+            text = queue.popleft()
+            self.queued_bytes -= len(text)
+            return (text,)
+        if self.queued_bytes + len(queue) < MAX_BATCH_FRAME_CHARS:
+            texts = tuple(queue)
+            queue.clear()
+            self.queued_bytes = 0
+            return texts
         taken: list[str] = []
         size = 2
         while queue and (
@@ -317,19 +315,6 @@ class Outbox:
             await asyncio.wait_for(self._send_text(text), self.limits.stall_seconds)
         except TimeoutError:
             self._overflow(REASON_STALLED)
-
-
-def split_batches(texts: list[str]) -> list[list[str]]:
-    """Splits events into runs that each fit in one batched frame, in order."""
-    batches: list[list[str]] = [[]]
-    size = 2
-    for text in texts:
-        if batches[-1] and size + len(text) + 1 > MAX_BATCH_FRAME_CHARS:
-            batches.append([])
-            size = 2
-        batches[-1].append(text)
-        size += len(text) + 1
-    return batches
 
 
 def _log_failure(task: asyncio.Task) -> None:

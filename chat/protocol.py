@@ -285,11 +285,9 @@ def parse_client_frame(
     raise ProtocolError(ERROR_UNKNOWN_TYPE, f"unknown frame type {shown[:64]!r}")
 
 
-def parse_since(query_string: bytes | str, name: str = "since") -> int | None:
-    """Returns the `since` seq of a connect URL's query string (None if absent).
-
-    `name="deletions"` reads the last deletion number a resuming page saw.
-    """
+def _query_count(query_string: bytes | str, name: str) -> int | None:
+    """Returns a query parameter's non-negative integer: None if absent, -1 if
+    it is not one."""
     if isinstance(query_string, bytes):
         query_string = query_string.decode("latin-1")
     values = parse_qs(query_string).get(name)
@@ -298,20 +296,28 @@ def parse_since(query_string: bytes | str, name: str = "since") -> int | None:
     value = values[-1]
     # str.isdigit accepts non-ASCII digits; the seq is plain ASCII.
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return -1
+    return int(value)
+
+
+def parse_since(query_string: bytes | str, name: str = "since") -> int | None:
+    """Returns the `since` seq of a connect URL's query string (None if absent).
+
+    `name="deletions"` reads the last deletion number a resuming page saw.
+    """
+    value = _query_count(query_string, name)
+    if value == -1:
         raise ProtocolError(
             ERROR_INVALID_SINCE, f"{name} must be a non-negative integer"
         )
-    return int(value)
+    return value
 
 
 def parse_backlog(query_string: bytes | str, maximum: int) -> int | None:
     """Returns how many of the latest messages a connect URL asks `welcome` to
     carry (`?backlog=0`: none, for a client that wants only what comes next),
     or None if it does not say."""
-    try:
-        value = parse_since(query_string, "backlog")
-    except ProtocolError:
-        value = -1
+    value = _query_count(query_string, "backlog")
     if value is not None and not 0 <= value <= maximum:
         raise ProtocolError(
             ERROR_INVALID_BACKLOG, f"backlog must be an integer from 0 to {maximum}"

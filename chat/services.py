@@ -309,9 +309,11 @@ def room_welcome(
         if key not in shared:
             shared[key] = room_history(room=room, before=None, limit=page_size)
         page = shared[key]
-        if since is None and backlog is not None and backlog < len(page.events):
-            kept = page.events[len(page.events) - backlog :]
-            page = MessagePage(events=kept, has_more=True)
+    # The room row may be older than the page read after it.
+    last_seq = max(room.last_seq, page.events[-1]["seq"] if page.events else 0)
+    if since is None and backlog is not None and backlog < len(page.events):
+        kept = page.events[len(page.events) - backlog :]
+        page = MessagePage(events=kept, has_more=True)
     limit = settings.CHAT_MEMBERS_PAGE if members_page is None else members_page
     key = ("members", room.pk, limit)
     if key not in shared:
@@ -337,8 +339,7 @@ def room_welcome(
         closed=room.is_closed,
         deletions=deletions_now,
         deleted=deleted,
-        # The room row may be older than the page read after it.
-        last_seq=max([room.last_seq, *(event["seq"] for event in page.events[-1:])]),
+        last_seq=last_seq,
     )
 
 
