@@ -182,8 +182,9 @@ class Outbox:
     async def finish(self, last: str) -> None:
         """Ends the outbox with `last` (one event's JSON), ahead of a close.
 
-        What it still holds and then `last` are written at once, in one frame
-        when batched, so that the client reads them before the close frame.
+        What it still holds and then `last` are written at once (batched, in
+        as few frames as the batch bound allows), so that the client reads
+        them before the close frame.
         """
         self.queue.append(last)
         events = len(self.queue)
