@@ -194,6 +194,35 @@ async def wait_all_have(
     )
 
 
+async def wait_all_heard_live(
+    cluster: Cluster, group: Sequence[ChatPage], count: int
+) -> None:
+    """Waits until every client got seqs 1..count as live broadcasts.
+
+    Holding them is not enough: broadcasts posted through different workers
+    may arrive out of order, and a page fills the hole below a later seq from
+    history before the earlier broadcast comes.
+    """
+
+    def heard(client: ChatPage) -> bool:
+        return set(client.live_seqs) >= set(range(1, count + 1))
+
+    await eventually(
+        lambda: all(heard(client) for client in group),
+        what=lambda: (
+            f"every client heard seqs 1..{count} live; missing some: "
+            + str(
+                {
+                    c.username: sorted(set(range(1, count + 1)) - set(c.live_seqs))
+                    for c in group
+                    if not heard(c)
+                }
+            )
+        ),
+        cluster=cluster,
+    )
+
+
 def assert_same_messages(group: Sequence[ChatPage], count: int) -> None:
     """Every client holds exactly seqs 1..count, with the same content for each."""
     reference = group[0].messages
@@ -298,7 +327,7 @@ async def test_thirty_clients_on_three_workers_each_get_every_message_once(
     # Everyone at once: each message reaches every client exactly once.
     posts = [client.post(f"{client.username} #{n}") for client in group for n in (1, 2)]
     await asyncio.gather(*posts)
-    await wait_all_have(cluster, group, 60)
+    await wait_all_heard_live(cluster, group, 60)
     for client in group:
         assert sorted(client.live_seqs) == list(range(1, 61)), client.username
     assert_same_messages(group, 60)
@@ -312,7 +341,7 @@ async def test_thirty_clients_on_three_workers_each_get_every_message_once(
             what="the post was echoed",
             cluster=cluster,
         )
-    await wait_all_have(cluster, group, 90)
+    await wait_all_heard_live(cluster, group, 90)
     for client in group:
         assert client.live_seqs[60:] == list(range(61, 91)), client.username
     assert_same_messages(group, 90)
