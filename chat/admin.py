@@ -21,6 +21,7 @@ from chat import moderation, presence, protocol, tokens
 from chat.models import (
     ApiToken,
     Connection,
+    Membership,
     Message,
     ModerationAction,
     Room,
@@ -120,6 +121,31 @@ class ConnectionInline(ViewOnlyMixin, admin.TabularInline):
         )
 
 
+class MembershipInline(ViewOnlyMixin, admin.TabularInline):
+    """The people whose room it is, and how far each has read."""
+
+    model = Membership
+    verbose_name = "member"
+    verbose_name_plural = "members and read positions"
+    fields = ["user", "read_seq", "unread", "read_at", "joined_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("user", "room")
+            .order_by("user__username")
+        )
+
+    @admin.display(description="unread")
+    def unread(self, membership: Membership) -> int:
+        return max(0, membership.room.last_seq - membership.read_seq)
+
+
 class RoomAdminForm(forms.ModelForm):
     class Meta:
         model = Room
@@ -167,7 +193,7 @@ class RoomAdmin(admin.ModelAdmin):
         "online_now",
         "recent_messages",
     ]
-    inlines = [ConnectionInline]
+    inlines = [ConnectionInline, MembershipInline]
     actions = ["close_rooms", "reopen_rooms"]
 
     def get_readonly_fields(self, request, obj=None):
@@ -341,6 +367,7 @@ class MessageAdmin(ViewOnlyMixin, admin.ModelAdmin):
         "user",
         "author",
         "body",
+        "mentions",
         "client_id",
         "created_at",
         "deleted_at",

@@ -19,7 +19,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import moderation, protocol, services, tokens
+from chat import moderation, protocol, reading, services, tokens
 from chat.broadcast import LAYER_ERRORS
 from chat.limits import frame_limits
 from chat.models import ApiToken, Room
@@ -311,7 +311,8 @@ def _forbidden(refused: tokens.TokenForbidden) -> ApiError:
 
 @api_endpoint("GET")
 def rooms(request: HttpRequest, token: ApiToken) -> JsonResponse:
-    """GET /api/rooms/: rooms with their online count and last activity."""
+    """GET /api/rooms/: rooms with their online count and last activity, and
+    the token owner's unread and mention counts."""
     only = tokens.api_token_readable_slug(token=token)
     return json_response(
         {
@@ -320,8 +321,11 @@ def rooms(request: HttpRequest, token: ApiToken) -> JsonResponse:
                     "room": summary.slug,
                     "online": summary.online,
                     "last_activity": protocol.format_timestamp(summary.last_activity),
+                    "unread": summary.unread,
+                    "mentions": summary.mentions,
+                    "member": summary.member,
                 }
-                for summary in services.room_list()
+                for summary in services.room_list(user=token.owner)
                 if only is None or summary.slug == only
             ]
         }
@@ -384,6 +388,27 @@ def _publish(request: HttpRequest, token: ApiToken, slug: str) -> JsonResponse:
     event = services.message_event(message, room_slug=room.slug)
     # A repeated client_id gets the first copy back, with 200 instead of 201.
     return json_response(event, status=201 if created else 200)
+
+
+@api_endpoint("POST")
+def room_read(request: HttpRequest, token: ApiToken, room: str) -> JsonResponse:
+    """POST /api/rooms/<room>/read/: the token owner has read up to `seq`."""
+    tokens.api_token_check_read(token=token, slug=room)
+    found = _room_for(token, room)
+    body = read_json_object(request)
+    _require(body, "seq")
+    command = protocol.parse_read(body)
+    moved = reading.read_advance(room=found, user=token.owner, seq=command.seq)
+    position = (
+        moved
+        if moved is not None
+        else reading.read_positions([(found, token.owner)]).get(
+            (found.pk, token.owner.pk), 0
+        )
+    )
+    return json_response(
+        {"room": found.slug, "read_seq": position, "moved": moved is not None}
+    )
 
 
 @api_endpoint("POST")

@@ -16,6 +16,7 @@ urlpatterns = [
     re_path(
         r"^rooms/(?P<room>[^/]+)/messages/?$", api.room_messages, name="room-messages"
     ),
+    re_path(r"^rooms/(?P<room>[^/]+)/read/?$", api.room_read, name="room-read"),
     re_path(r"^users/(?P<username>[^/]+)/push/?$", api.user_push, name="user-push"),
     re_path(r"^(?P<rest>.*)$", api.not_found, name="not-found"),
 ]

@@ -60,7 +60,7 @@ def broadcast_room(
         async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
 
 
-async def send_push_async(user_id: int, event: ServerEvent) -> None:
+async def send_to_user_async(user_id: int, event: ServerEvent) -> None:
     """Sends `event` to every open socket of one user, in every room.
 
     Only the send: services.user_push is the operation that counts the sockets.
@@ -70,9 +70,12 @@ async def send_push_async(user_id: int, event: ServerEvent) -> None:
     )
 
 
-def send_push(user_id: int, event: ServerEvent) -> None:
-    """Sync form of send_push_async."""
-    async_to_sync(send_push_async)(user_id, event)
+def send_to_user(user_id: int, event: ServerEvent) -> None:
+    """Sync form of send_to_user_async; returns at once in a worker, as
+    broadcast_room does."""
+    group, message = user_group_name(user_id), _group_message(event, None)
+    if not sender.submit(group, message):
+        async_to_sync(get_channel_layer().group_send)(group, message)
 
 
 async def send_kick_async(user_id: int, room_slug: str) -> None:

@@ -18,7 +18,16 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils.crypto import constant_time_compare
 
-from chat import auth, metrics, presence, protocol, services, transport, worker
+from chat import (
+    auth,
+    metrics,
+    presence,
+    protocol,
+    reading,
+    services,
+    transport,
+    worker,
+)
 from chat.batching import DatabaseBatch, each
 from chat.broadcast import CHAT_EVENT, LAYER_ERRORS, broadcast_room_async
 from chat.limits import (
@@ -92,6 +101,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     user = None  # set once the handshake has read it
     # Set by close(): frames the client sent before it are not answered.
     closing = False
+    # The read position the client asked for, the one last stored, and the
+    # task storing it (see mark_read).
+    read_asked = 0
+    read_stored = 0
+    read_writer: asyncio.Task | None = None
 
     # ------------------------------------------------------------------
     # Connection lifecycle
@@ -309,6 +323,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_history(command)
             elif isinstance(command, protocol.MembersRequest):
                 await self.send_members(command)
+            elif isinstance(command, protocol.MarkRead):
+                self.mark_read(command.seq)
         except protocol.ProtocolError as error:
             await self.send_error(error)
         except DatabaseError:
@@ -414,6 +430,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
             room=self.room, after=command.after
         )
         await self.send_event(page)
+
+    def mark_read(self, seq: int) -> None:
+        """Stores the read position the client reached, at most once per
+        CHAT_READ_INTERVAL_MS: a page that reads a busy room sends many, and
+        only the latest matters. Never moves it back."""
+        if seq <= self.read_asked:
+            return
+        self.read_asked = seq
+        if self.read_writer is None or self.read_writer.done():
+            self.read_writer = asyncio.ensure_future(self.store_read_positions())
+
+    async def store_read_positions(self) -> None:
+        # Also after the socket closed: the last position the page sent counts.
+        while self.read_stored < self.read_asked:
+            seq = self.read_asked
+            try:
+                await database_sync_to_async(reading.read_advance)(
+                    room=self.room, user=self.user, seq=seq
+                )
+            except DatabaseError:
+                # The page sends its position again as it reads on.
+                logger.warning("could not store a read position: database error")
+                return
+            self.read_stored = seq
+            await asyncio.sleep(settings.CHAT_READ_INTERVAL_MS / 1000)
 
     # ------------------------------------------------------------------
     # Server events

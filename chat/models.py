@@ -1,4 +1,5 @@
-"""What the chat stores: rooms, their messages, and the sockets open in them."""
+"""What the chat stores: rooms, their messages, the sockets open in them, and
+what each person has read and where they were mentioned."""
 
 from django.conf import settings
 from django.db import models
@@ -54,6 +55,9 @@ class Message(models.Model):
         blank=True,
         related_name="+",
     )
+    # The usernames the text mentions with @name (existing users, at the time
+    # it was stored), as the `message` event carries them.
+    mentions = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -74,6 +78,59 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room.slug}#{self.seq} {self.author}: {self.body[:40]}"
+
+
+class Membership(models.Model):
+    """A person's place in a room: how far they have read.
+
+    Created by their first read in the room; `read_seq` never moves back.
+    """
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_memberships",
+    )
+    # The last seq of the room they have seen (0: none yet).
+    read_seq = models.PositiveBigIntegerField(default=0)
+    joined_at = models.DateTimeField(auto_now_add=True)
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "room"], name="membership_user_room"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.room} (read to #{self.read_seq})"
+
+
+class Mention(models.Model):
+    """One user mentioned by one message; what the mention counts count."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_mentions"
+    )
+    # The message's room and seq, so a count needs no join to the messages.
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")
+    seq = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message", "user"], name="mention_message_user"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["user", "room", "seq"], name="mention_user_room_seq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.room}#{self.seq}"
 
 
 class Worker(models.Model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict, get_args, get_type_hints
@@ -125,7 +126,13 @@ class MembersRequest:
     after: str | None
 
 
-ClientCommand = PostMessage | Typing | HistoryRequest | MembersRequest
+@dataclass(frozen=True)
+class MarkRead:
+    # Everything up to this seq has been seen.
+    seq: int
+
+
+ClientCommand = PostMessage | Typing | HistoryRequest | MembersRequest | MarkRead
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,47 @@ def parse_post(fields: dict[str, Any], limits: Limits) -> PostMessage:
     )
 
 
+def parse_read(fields: dict[str, Any]) -> MarkRead:
+    """Returns the read position in a `read` frame or an API body, or raises."""
+    seq = fields.get("seq")
+    if not _is_int(seq) or not 1 <= seq <= MAX_SEQ:
+        raise ProtocolError(ERROR_INVALID_FIELD, "seq must be a positive integer")
+    return MarkRead(seq=seq)
+
+
+# The largest seq a client may name (a PositiveBigIntegerField holds it).
+MAX_SEQ = 2**63 - 1
+
+# `@name`, not inside a word or an e-mail address: Django's username
+# characters but `@`.
+MENTION_PATTERN = re.compile(r"(?<![\w@.+-])@([\w.+-]{1,150})")
+# The most names one message can mention: more is a mass ping, not a message.
+MAX_MENTIONS = 20
+
+
+def mention_candidates(text: str) -> list[tuple[str, ...]]:
+    """Returns the names `text` may mention, in order, each with what it may be.
+
+    "@bob." at the end of a sentence may name "bob." or "bob": each candidate
+    is the token, then the token without its trailing punctuation; the
+    caller keeps the first that is a user. At most MAX_MENTIONS tokens.
+    """
+    if "@" not in text:
+        return []
+    found: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    for match in MENTION_PATTERN.finditer(text):
+        token = match.group(1)
+        if token in seen:
+            continue
+        seen.add(token)
+        trimmed = token.rstrip(".+-")
+        found.append((token, trimmed) if trimmed and trimmed != token else (token,))
+        if len(found) == MAX_MENTIONS:
+            break
+    return found
+
+
 def parse_client_frame(
     text: str | None, binary: bytes | None, limits: Limits
 ) -> ClientCommand:
@@ -268,21 +316,31 @@ def parse_client_frame(
     # The Channels tutorial's frame has no type: {"message": "hi"} is a post.
     if kind is None and "message" in frame:
         kind = "message"
-    if kind == "message":
-        return parse_post(frame, limits)
-    if kind == "typing":
-        return Typing()
-    if kind == "history":
-        return _clean_history(frame, limits)
-    if kind == "members":
-        after = frame.get("after")
-        if after is not None and (not isinstance(after, str) or len(after) > 150):
-            raise ProtocolError(ERROR_INVALID_FIELD, "after must be a username")
-        return MembersRequest(after=after)
+    parse = CLIENT_FRAMES.get(kind) if isinstance(kind, str) else None
+    if parse is not None:
+        return parse(frame, limits)
     if kind is None:
         raise ProtocolError(ERROR_UNKNOWN_TYPE, "the frame has no type")
     shown = kind if isinstance(kind, str) else json.dumps(kind)
     raise ProtocolError(ERROR_UNKNOWN_TYPE, f"unknown frame type {shown[:64]!r}")
+
+
+def _parse_members(frame: dict[str, Any], limits: Limits) -> MembersRequest:
+    after = frame.get("after")
+    if after is not None and (not isinstance(after, str) or len(after) > 150):
+        raise ProtocolError(ERROR_INVALID_FIELD, "after must be a username")
+    return MembersRequest(after=after)
+
+
+# Each client frame type, with what reads it (docs/protocol.md lists them all;
+# tests/test_docs.py checks it).
+CLIENT_FRAMES: dict[str, Callable[[dict[str, Any], Limits], ClientCommand]] = {
+    "message": parse_post,
+    "typing": lambda frame, limits: Typing(),
+    "history": _clean_history,
+    "members": _parse_members,
+    "read": lambda frame, limits: parse_read(frame),
+}
 
 
 def _query_count(query_string: bytes | str, name: str) -> int | None:
@@ -343,6 +401,7 @@ class MessageEvent(TypedDict):
     message: str
     ts: str
     client_id: str | None
+    mentions: list[str]
 
 
 class WelcomeEvent(TypedDict):
@@ -358,6 +417,7 @@ class WelcomeEvent(TypedDict):
     deletions: int
     deleted: list[DeletedRef]
     last_seq: int
+    read_seq: int | None
 
 
 class MembersEvent(TypedDict):
@@ -409,6 +469,21 @@ class PushEvent(TypedDict):
     data: Any
 
 
+class ReadEvent(TypedDict):
+    type: Literal["read"]
+    room: str
+    seq: int
+
+
+class MentionEvent(TypedDict):
+    type: Literal["mention"]
+    room: str
+    id: int
+    seq: int
+    user: str
+    message: str
+
+
 class ErrorEvent(TypedDict):
     type: Literal["error"]
     code: str
@@ -426,6 +501,8 @@ ServerEvent = (
     | DeletedEvent
     | RoomStateEvent
     | PushEvent
+    | ReadEvent
+    | MentionEvent
     | ErrorEvent
 )
 
@@ -453,8 +530,9 @@ def event_message(
     message: str,
     ts: datetime,
     client_id: str | None,
+    mentions: list[str] | None = None,
 ) -> MessageEvent:
-    """Returns a `message` event: one stored post."""
+    """Returns a `message` event: one stored post, with the users it mentions."""
     return {
         "type": "message",
         "id": id,
@@ -464,6 +542,7 @@ def event_message(
         "message": message,
         "ts": format_timestamp(ts),
         "client_id": client_id,
+        "mentions": mentions or [],
     }
 
 
@@ -479,6 +558,7 @@ def event_welcome(
     deletions: int = 0,
     deleted: list[DeletedRef] | None = None,
     last_seq: int = 0,
+    read_seq: int | None = None,
 ) -> WelcomeEvent:
     """Returns the `welcome` event sent right after a socket is accepted.
 
@@ -487,6 +567,7 @@ def event_welcome(
     `deletions` is the room's last deletion number; `deleted`, on a resume
     that gave the last one it saw, the messages deleted since. `last_seq` is
     the room's newest seq, for a client that took no backlog to resume from.
+    `read_seq` is how far the user has read here (None: never).
     """
     return {
         "type": "welcome",
@@ -501,6 +582,7 @@ def event_welcome(
         "deletions": deletions,
         "deleted": deleted or [],
         "last_seq": last_seq,
+        "read_seq": read_seq,
     }
 
 
@@ -554,6 +636,25 @@ def event_room_state(*, closed: bool) -> RoomStateEvent:
 def event_push(*, event: str, data: Any) -> PushEvent:
     """Returns a `push` event: sent through the API to every socket of one user."""
     return {"type": "push", "event": event, "data": data}
+
+
+def event_read(*, room: str, seq: int) -> ReadEvent:
+    """Returns a `read` event: the user has read room `room` up to `seq`."""
+    return {"type": "read", "room": room, "seq": seq}
+
+
+def event_mention(
+    *, room: str, id: int, seq: int, user: str, message: str
+) -> MentionEvent:
+    """Returns a `mention` event: message `id` in `room` mentions the recipient."""
+    return {
+        "type": "mention",
+        "room": room,
+        "id": id,
+        "seq": seq,
+        "user": user,
+        "message": message,
+    }
 
 
 def event_error(code: str, detail: str, ref: str | None = None) -> ErrorEvent:

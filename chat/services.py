@@ -14,13 +14,13 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from chat import moderation, presence, protocol
-from chat.broadcast import broadcast_room, send_push
-from chat.models import Message, Room
+from chat import moderation, presence, protocol, reading
+from chat.broadcast import broadcast_room, send_to_user
+from chat.models import Membership, Mention, Message, Room
 
 
 class InvalidRoomName(ValueError):
@@ -51,10 +51,21 @@ class RoomSummary:
     slug: str
     online: int
     last_activity: datetime
+    # For the user the list is for: messages after their read position, those
+    # of them that mention them, and whether they have one (their room).
+    unread: int = 0
+    mentions: int = 0
+    member: bool = False
 
 
-def room_list() -> list[RoomSummary]:
-    """Returns every room with its online count, most recently active first."""
+def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
+    """Returns every room with its online count, most recently active first.
+
+    For `user`, each also says how many messages they have not read there and
+    how many of those mention them: one query for the whole list, whatever
+    the number of rooms and messages (unread is the room's newest seq minus
+    the read position; a mention count reads only the unread mentions).
+    """
     rooms = Room.objects.annotate(
         online=Count(
             "connections__user",
@@ -63,12 +74,43 @@ def room_list() -> list[RoomSummary]:
         ),
         last_activity=Coalesce(F("last_message_at"), F("created_at")),
     ).order_by("-last_activity", "slug")
-    return [
-        RoomSummary(
-            slug=room.slug, online=room.online, last_activity=room.last_activity
+    if user is not None:
+        rooms = rooms.annotate(
+            read_seq=Subquery(
+                Membership.objects.filter(room=OuterRef("pk"), user=user).values(
+                    "read_seq"
+                )[:1]
+            ),
+            mention_count=Coalesce(
+                Subquery(
+                    Mention.objects.filter(
+                        room=OuterRef("pk"),
+                        user=user,
+                        seq__gt=OuterRef("read_seq"),
+                        message__deleted_at__isnull=True,
+                    )
+                    .order_by()
+                    .values("room")
+                    .annotate(count=Count("pk"))
+                    .values("count")
+                ),
+                0,
+            ),
         )
-        for room in rooms
-    ]
+    summaries = []
+    for room in rooms:
+        read_seq = getattr(room, "read_seq", None)
+        summaries.append(
+            RoomSummary(
+                slug=room.slug,
+                online=room.online,
+                last_activity=room.last_activity,
+                unread=max(0, room.last_seq - read_seq) if read_seq is not None else 0,
+                mentions=getattr(room, "mention_count", 0),
+                member=read_seq is not None,
+            )
+        )
+    return summaries
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +128,7 @@ def message_event(message: Message, *, room_slug: str) -> protocol.MessageEvent:
         message=message.body,
         ts=message.created_at,
         client_id=message.client_id,
+        mentions=message.mentions,
     )
 
 
@@ -193,7 +236,11 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
             continue
         locked.last_message_at = now
         locked.save(update_fields=["last_seq", "last_message_at"])
+        mentioned = reading.mentioned_users([message.body for message in new])
+        for message, users in zip(new, mentioned, strict=True):
+            message.mentions = [user.get_username() for user in users]
         Message.objects.bulk_create(new)
+        reading.mentions_record(new, mentioned)
         for message in new:
             event = message_event(message, room_slug=locked.slug)
             # robust: the stored message is the truth and the live broadcast
@@ -287,6 +334,7 @@ def room_welcome(
     members_page: int | None = None,
     shared: dict | None = None,
     backlog: int | None = None,
+    read_seq: int | None = None,
 ) -> protocol.WelcomeEvent:
     """Returns the `welcome` event: members and the backlog (or what was missed).
 
@@ -299,6 +347,7 @@ def room_welcome(
     built with the same `shared` dict read the room's latest page and members
     once (the sockets of one handshake batch). Without `since`, `backlog`
     (at most `page_size`) keeps only that many of the latest messages.
+    `read_seq` is the user's read position in the room (None: none yet).
     """
     shared = {} if shared is None else shared
     page = None
@@ -340,6 +389,7 @@ def room_welcome(
         deletions=deletions_now,
         deleted=deleted,
         last_seq=last_seq,
+        read_seq=read_seq,
     )
 
 
@@ -431,6 +481,7 @@ def sockets_open(
         max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
         max_per_address=settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS,
     )
+    positions = reading.read_positions((room, r.user) for _, r, room in admitted)
     shared: dict = {}
     for (index, request, room), outcome in zip(admitted, recorded, strict=True):
         if isinstance(outcome, presence.TooManyConnections):
@@ -449,6 +500,7 @@ def sockets_open(
                     page_size=settings.CHAT_HISTORY_PAGE,
                     resume_max=settings.CHAT_RESUME_MAX,
                     shared=shared,
+                    read_seq=positions.get((room.pk, request.user.pk)),
                 ),
             )
     return results
@@ -475,5 +527,5 @@ def user_push(*, user: AbstractBaseUser, event: str, data: Any) -> int:
     has joined the group before its row is written.
     """
     sockets = presence.user_socket_count(user=user)
-    send_push(user.pk, protocol.event_push(event=event, data=data))
+    send_to_user(user.pk, protocol.event_push(event=event, data=data))
     return sockets

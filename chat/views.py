@@ -38,7 +38,11 @@ def lobby(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "chat/lobby.html",
-        {"rooms": services.room_list(), "form": form, "limits": lobby_page_limits()},
+        {
+            "rooms": services.room_list(user=request.user),
+            "form": form,
+            "limits": lobby_page_limits(),
+        },
         status=status,
     )
 
@@ -64,7 +68,8 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
 
 @require_http_methods(["GET"])
 def lobby_rooms(request: HttpRequest) -> JsonResponse:
-    """Returns the lobby's room list as JSON; the lobby page polls it."""
+    """Returns the lobby's room list as JSON, with the user's unread and
+    mention counts; the lobby and the room pages poll it."""
     # A 401 rather than login_required's redirect: the caller is a script.
     if not request.user.is_authenticated:
         return JsonResponse({"detail": "not signed in"}, status=401)
@@ -74,8 +79,11 @@ def lobby_rooms(request: HttpRequest) -> JsonResponse:
             "url": reverse("chat:room", kwargs={"room": summary.slug}),
             "online": summary.online,
             "last_activity": protocol.format_timestamp(summary.last_activity),
+            "unread": summary.unread,
+            "mentions": summary.mentions,
+            "member": summary.member,
         }
-        for summary in services.room_list()
+        for summary in services.room_list(user=request.user)
     ]
     response = JsonResponse({"rooms": rooms})
     response["Cache-Control"] = "no-store"

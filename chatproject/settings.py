@@ -348,3 +348,5 @@ CHAT_SEND_LINGER_MS = env_int("CHAT_SEND_LINGER_MS", 20)
 # and `welcome` lists at most a page of members (a client asks for more).
 CHAT_PRESENCE_INTERVAL_MS = env_int("CHAT_PRESENCE_INTERVAL_MS", 500)
 CHAT_MEMBERS_PAGE = env_int("CHAT_MEMBERS_PAGE", 100)
+# A socket stores its read position at most this often (the latest one wins).
+CHAT_READ_INTERVAL_MS = env_int("CHAT_READ_INTERVAL_MS", 500)

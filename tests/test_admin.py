@@ -150,6 +150,33 @@ def test_room_page_shows_who_is_online_where_and_recent_messages(
 
 
 @pytest.mark.django_db
+def test_room_page_shows_each_members_read_position(
+    admin_client, django_assert_max_num_queries, room, alice, bob, make_user
+):
+    from chat import reading
+
+    for n in range(5):
+        services.message_post(room=room, user=alice, text=f"hi {n}")
+    reading.read_advance(room=room, user=bob, seq=2)
+    reading.read_advance(room=room, user=alice, seq=5)
+    page = admin_client.get(f"{ROOMS}{room.pk}/change/").content.decode()
+    section = re.sub(r">\s+<", "><", page.split("read positions", 1)[1])
+    rows = re.findall(
+        r'>(\w+)</a></p></td><td class="field-read_seq"><p>(\d+)</p></td>'
+        r'<td class="field-unread"><p>(\d+)</p></td>',
+        re.sub(r"\s+(?=<)|(?<=>)\s+", "", section),
+    )
+    assert rows == [("alice", "5", "0"), ("bob", "2", "3")]
+    # One member or twenty: no query per row.
+    with CaptureQueriesContext(connection) as few:
+        admin_client.get(f"{ROOMS}{room.pk}/change/")
+    for n in range(20):
+        reading.read_advance(room=room, user=make_user(f"reader{n}"), seq=1)
+    with django_assert_max_num_queries(len(few)):
+        admin_client.get(f"{ROOMS}{room.pk}/change/")
+
+
+@pytest.mark.django_db
 def test_messages_are_searchable_and_filterable_with_links(
     admin_client, room, alice, bob
 ):

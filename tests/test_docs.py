@@ -57,6 +57,21 @@ def test_the_doc_lists_no_server_event_the_code_lacks():
     assert set(rows) == set(protocol.server_event_types())
 
 
+def client_frames_section() -> str:
+    return PROTOCOL_DOC.split("## Client to server", 1)[1].split("## Server to", 1)[0]
+
+
+@pytest.mark.parametrize("kind", sorted(protocol.CLIENT_FRAMES))
+def test_every_client_frame_type_is_documented(kind):
+    row = f'| `{{"type":"{kind}"'
+    assert row in client_frames_section(), f"the {kind!r} frame is missing from the doc"
+
+
+def test_the_doc_lists_no_client_frame_the_code_lacks():
+    rows = re.findall(r'^\| `\{"type":"([a-z_]+)"', client_frames_section(), re.M)
+    assert set(rows) == set(protocol.CLIENT_FRAMES)
+
+
 # ---------------------------------------------------------------------------
 # docs/api.md and the README
 # ---------------------------------------------------------------------------

@@ -128,7 +128,7 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
 ):
     import redis.asyncio
 
-    from chat.broadcast import send_push_async
+    from chat.broadcast import send_to_user_async
 
     users = [await db(make_user, f"user{index:02d}") for index in range(30)]
     # Joined at once: their user groups go upstream together, in one pipeline.
@@ -143,7 +143,7 @@ async def test_sockets_opening_at_once_each_get_their_users_pushes(
     finally:
         await client.aclose()
     for user, (socket, _) in zip(users, opened, strict=True):
-        await send_push_async(
+        await send_to_user_async(
             user.pk, protocol.event_push(event="hello", data=user.username)
         )
         assert_event(await socket.receive_type("push"), "push", data=user.username)
@@ -336,8 +336,8 @@ def test_a_socket_is_checked_and_recorded_in_a_fixed_number_of_queries(
     assert opened_room == room and welcome["members"] == ["alice", "bob"]
     assert noted == [("lobby", "bob"), ("lobby", "alice")]
     # room, ban, [begin, room lock, lease, socket counts, insert, commit],
-    # backlog, members page.
-    assert len(queries) == 10, "\n".join(q["sql"] for q in queries)
+    # read positions, backlog, members page.
+    assert len(queries) == 11, "\n".join(q["sql"] for q in queries)
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from openapi_spec_validator import validate as validate_spec
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from chat import api as chat_api
-from chat import api_urls, protocol, services, tokens
+from chat import api_urls, protocol, reading, services, tokens
 from chat.models import ApiToken, Room
 from chatproject.settings import channel_layers_from_env
 from tests.conftest import (
@@ -73,12 +73,14 @@ class World:
     restricted: str  # publish, in room "other" only
 
 
-def broken(name: str, call: Callable[[World], Any]) -> Callable[[World], Any]:
+def broken(
+    name: str, call: Callable[[World], Any], module: Any = services
+) -> Callable[[World], Any]:
     def scenario(world: World):
         def fail(*args: Any, **kwargs: Any):
             raise RuntimeError("boom")
 
-        world.monkeypatch.setattr(services, name, fail)
+        world.monkeypatch.setattr(module, name, fail)
         return call(world)
 
     return scenario
@@ -104,12 +106,14 @@ def layer_down(call: Callable[[World], Any]) -> Callable[[World], Any]:
     return scenario
 
 
-def database_down(name: str, call: Callable[[World], Any]) -> Callable[[World], Any]:
+def database_down(
+    name: str, call: Callable[[World], Any], module: Any = services
+) -> Callable[[World], Any]:
     def scenario(world: World):
         def locked(*args: Any, **kwargs: Any):
             raise OperationalError("database is locked")
 
-        world.monkeypatch.setattr(services, name, locked)
+        world.monkeypatch.setattr(module, name, locked)
         return call(world)
 
     return scenario
@@ -143,6 +147,8 @@ PUSH = "/api/users/bob/push/"
 GET_ROOMS, GET_MESSAGES = ("get", "/api/rooms/"), ("get", "/api/rooms/{room}/messages/")
 POST_MESSAGES = ("post", "/api/rooms/{room}/messages/")
 POST_PUSH = ("post", "/api/users/{username}/push/")
+POST_READ = ("post", "/api/rooms/{room}/read/")
+READ, READ_1 = LOBBY_MESSAGES.replace("/messages/", "/read/"), {"seq": 1}
 MSG = {"message": "hi", "client_id": "once"}
 SINCE_1, TEXT = LOBBY_MESSAGES + "?since=1", "text/plain"
 
@@ -172,6 +178,16 @@ SCENARIOS: dict[tuple[str, str, str], Callable[[World], Any]] = {
     (*POST_MESSAGES, "429"): limited(posts(LOBBY_MESSAGES, MSG)),
     (*POST_MESSAGES, "500"): broken("message_post", posts(LOBBY_MESSAGES, MSG)),
     (*POST_MESSAGES, "503"): database_down("message_post", posts(LOBBY_MESSAGES, MSG)),
+    (*POST_READ, "200"): posts(READ, READ_1, "reader"),
+    (*POST_READ, "400"): posts(READ, {"seq": 0}),
+    (*POST_READ, "401"): posts(READ, READ_1, "not-a-token"),
+    (*POST_READ, "403"): posts(READ, READ_1, "restricted"),
+    (*POST_READ, "404"): posts("/api/rooms/nowhere/read/", READ_1),
+    (*POST_READ, "413"): posts(READ, {"seq": 1, "pad": "x" * 70_000}),
+    (*POST_READ, "415"): posts(READ, body="seq=1", content_type=TEXT),
+    (*POST_READ, "429"): limited(posts(READ, READ_1)),
+    (*POST_READ, "500"): broken("read_advance", posts(READ, READ_1), reading),
+    (*POST_READ, "503"): database_down("read_advance", posts(READ, READ_1), reading),
     (*POST_PUSH, "202"): posts(PUSH, {"event": "e", "data": [1]}),
     (*POST_PUSH, "400"): posts(PUSH, {"data": 1}),
     (*POST_PUSH, "401"): posts(PUSH, {"event": "e"}, "not-a-token"),

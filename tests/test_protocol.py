@@ -443,6 +443,7 @@ def test_message_event_has_the_documented_fields():
         "message": "hi",
         "ts": "2024-01-02T03:04:05.000Z",
         "client_id": None,
+        "mentions": [],
     }
 
 
@@ -481,6 +482,8 @@ SAMPLE_EVENTS = [
     protocol.event_deleted(id=7, seq=3, deletion=1),
     protocol.event_room_state(closed=True),
     protocol.event_push(event="build.finished", data={"ok": True}),
+    protocol.event_read(room="lobby", seq=3),
+    protocol.event_mention(room="lobby", id=7, seq=3, user="bob", message="@alice hi"),
     protocol.event_error("bad_json", "nope"),
 ]
 

@@ -379,6 +379,7 @@ def test_welcome_without_since_sends_members_and_latest_page(five, alice, bob):
         "deletions": 0,
         "deleted": [],
         "last_seq": 5,
+        "read_seq": None,
     }
     assert [m["seq"] for m in event["messages"]] == [4, 5]
 
