@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from chat import moderation, presence, protocol, tokens
+from chat import membership, moderation, presence, protocol, tokens
 from chat.models import (
     ApiToken,
     Connection,
@@ -121,16 +121,35 @@ class ConnectionInline(ViewOnlyMixin, admin.TabularInline):
         )
 
 
-class MembershipInline(ViewOnlyMixin, admin.TabularInline):
-    """The people whose room it is, and how far each has read."""
+class MembershipForm(forms.ModelForm):
+    class Meta:
+        model = Membership
+        fields = ["user"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A member is added or removed, never changed into someone else.
+        if self.instance.pk is not None and "user" in self.fields:
+            self.fields["user"].disabled = True
+
+
+class MembershipInline(admin.TabularInline):
+    """The people whose room it is, and how far each has read.
+
+    In a private room the admin adds and removes members here (through
+    chat.membership, so a removed member's sockets close); elsewhere it is
+    read-only: a public room's rows are read positions, a direct message
+    keeps its two.
+    """
 
     model = Membership
+    form = MembershipForm
     verbose_name = "member"
     verbose_name_plural = "members and read positions"
     fields = ["user", "read_seq", "unread", "read_at", "joined_at"]
-    readonly_fields = fields
+    readonly_fields = ["read_seq", "unread", "read_at", "joined_at"]
+    raw_id_fields = ["user"]
     extra = 0
-    can_delete = False
     show_change_link = False
 
     def get_queryset(self, request):
@@ -141,6 +160,29 @@ class MembershipInline(ViewOnlyMixin, admin.TabularInline):
             .order_by("user__username")
         )
 
+    def get_readonly_fields(self, request, obj=None):
+        if self._manages(request, obj):
+            return self.readonly_fields
+        return ["user", *self.readonly_fields]
+
+    def _manages(self, request, room) -> bool:
+        return (
+            room is not None
+            and room.kind == Room.Kind.PRIVATE
+            and request.user.has_perm("chat.change_membership")
+        )
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return self._manages(request, obj)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # The formset must accept the new rows; existing ones cannot change
+        # (MembershipForm), and the others' rows are read-only.
+        return self._manages(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return self._manages(request, obj)
+
     @admin.display(description="unread")
     def unread(self, membership: Membership) -> int:
         return max(0, membership.room.last_seq - membership.read_seq)
@@ -149,7 +191,7 @@ class MembershipInline(ViewOnlyMixin, admin.TabularInline):
 class RoomAdminForm(forms.ModelForm):
     class Meta:
         model = Room
-        fields = ["slug"]
+        fields = ["slug", "kind"]
 
     def clean_slug(self) -> str:
         slug = self.cleaned_data["slug"]
@@ -158,7 +200,19 @@ class RoomAdminForm(forms.ModelForm):
                 "Use 1-64 lower-case letters, digits, - or _, starting with a "
                 "letter or digit."
             )
+        if membership.is_reserved_name(slug):
+            raise forms.ValidationError(
+                "Names that start with dm- are kept for direct messages."
+            )
         return slug
+
+    def clean_kind(self) -> str:
+        kind = self.cleaned_data["kind"]
+        if kind == Room.Kind.DIRECT:
+            raise forms.ValidationError(
+                "A direct message is opened from a person's name."
+            )
+        return kind
 
 
 @admin.register(Room)
@@ -166,6 +220,7 @@ class RoomAdmin(admin.ModelAdmin):
     form = RoomAdminForm
     list_display = [
         "slug",
+        "kind",
         "online_members",
         "open_sockets",
         "messages_total",
@@ -174,9 +229,10 @@ class RoomAdmin(admin.ModelAdmin):
         "created_at",
         "is_closed",
     ]
-    list_filter = ["is_closed", ActivityFilter, "created_at"]
+    list_filter = ["kind", "is_closed", ActivityFilter, "created_at"]
     search_fields = ["slug"]
     readonly_fields = [
+        "created_by",
         "last_seq",
         "last_message_at",
         "created_at",
@@ -186,6 +242,8 @@ class RoomAdmin(admin.ModelAdmin):
     ]
     fields = [
         "slug",
+        "kind",
+        "created_by",
         "is_closed",
         "created_at",
         "last_seq",
@@ -197,10 +255,29 @@ class RoomAdmin(admin.ModelAdmin):
     actions = ["close_rooms", "reopen_rooms"]
 
     def get_readonly_fields(self, request, obj=None):
-        # Renaming a room would strand the sockets in its old group.
+        # Renaming a room would strand the sockets in its old group; a room
+        # made private or public would let in or shut out who is there.
         if obj is not None:
-            return ["slug", *self.readonly_fields]
+            return ["slug", "kind", *self.readonly_fields]
         return self.readonly_fields
+
+    def save_model(self, request, obj: Room, form, change: bool) -> None:
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+
+    def save_formset(self, request, form, formset, change) -> None:
+        if formset.model is not Membership:
+            super().save_formset(request, form, formset, change)
+            return
+        # Through chat.membership: a removed member's sockets close. Saved
+        # with commit=False only to learn what the rows ask for.
+        room = form.instance
+        formset.save(commit=False)
+        for removed in formset.deleted_objects:
+            membership.member_remove(room=room, user=removed.user, actor=None)
+        for added in formset.new_objects:
+            membership.member_add(room=room, user=added.user, actor=request.user)
 
     def get_queryset(self, request):
         # One subquery per figure: joining sockets and messages in one query

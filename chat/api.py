@@ -282,8 +282,9 @@ def _query_int(
     return int(value)
 
 
-def _room(slug: str) -> Room:
-    room = services.room_get(slug=slug)
+def _room(slug: str, user) -> Room:
+    # A private room the token's owner is not in is as missing as no room.
+    room = services.room_get(slug=slug, user=user)
     if room is None:
         raise ApiError(ERROR_UNKNOWN_ROOM, f"no room named {slug[:64]!r}")
     return room
@@ -291,7 +292,7 @@ def _room(slug: str) -> Room:
 
 def _room_for(token: ApiToken, slug: str) -> Room:
     """The room, if the token's owner may read and post there (not banned)."""
-    room = _room(slug)
+    room = _room(slug, token.owner)
     if moderation.banned_pairs([(room, token.owner)]):
         raise ApiError(ERROR_BANNED, "the token's owner is banned from this room")
     return room

@@ -84,6 +84,11 @@ sockets_open = DatabaseBatch(services.sockets_open)
 posts_stored = DatabaseBatch(services.messages_post)
 
 
+def _log_read_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("storing a read position failed", exc_info=task.exception())
+
+
 # Why a handshake was refused, by its close code (services.SocketRefused).
 REFUSALS = {
     protocol.CLOSE_NO_SUCH_ROOM: "no such room",
@@ -440,6 +445,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.read_asked = seq
         if self.read_writer is None or self.read_writer.done():
             self.read_writer = asyncio.ensure_future(self.store_read_positions())
+            self.read_writer.add_done_callback(_log_read_failure)
 
     async def store_read_positions(self) -> None:
         # Also after the socket closed: the last position the page sent counts.

@@ -12,6 +12,11 @@ class RoomForm(forms.Form):
         max_length=64,
         help_text="Lower-case letters, digits, - and _; starts with a letter or digit.",
     )
+    private = forms.BooleanField(
+        label="Private: only people I add can see it",
+        required=False,
+        help_text="Applies when the room is new.",
+    )
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"].strip().lower()
@@ -21,6 +26,10 @@ class RoomForm(forms.Form):
                 "letter or digit."
             )
         return name
+
+
+class MemberForm(forms.Form):
+    username = forms.CharField(label="Add a member", max_length=150)
 
 
 class SignUpForm(UserCreationForm):

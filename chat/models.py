@@ -7,7 +7,23 @@ from django.db.models import Q
 
 
 class Room(models.Model):
+    class Kind(models.TextChoices):
+        # Any signed-in user may enter.
+        PUBLIC = "public", "public"
+        # Members only: its creator (or the admin) adds and removes them.
+        PRIVATE = "private", "private"
+        # A private room of two, opened from a person's name.
+        DIRECT = "direct", "direct message"
+
     slug = models.SlugField(max_length=64, unique=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.PUBLIC)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     # The seq of the newest message; bumped under a row lock so seqs have no holes.
     last_seq = models.PositiveBigIntegerField(default=0)
@@ -27,6 +43,10 @@ class Room(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    @property
+    def is_public(self) -> bool:
+        return self.kind == self.Kind.PUBLIC
 
 
 class Message(models.Model):
@@ -83,7 +103,9 @@ class Message(models.Model):
 class Membership(models.Model):
     """A person's place in a room: how far they have read.
 
-    Created by their first read in the room; `read_seq` never moves back.
+    In a public room it is made by their first read there; in a private room
+    or a direct message it is what lets them in, made when they are added.
+    `read_seq` never moves back.
     """
 
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")

@@ -60,6 +60,32 @@ def _raise_position(room: Room, user: AbstractBaseUser, seq: int) -> bool:
     )
 
 
+def posters_read(room: Room, messages: Sequence[Message]) -> None:
+    """Moves each poster's read position to their newest message just stored.
+
+    What you wrote you have read: your own posts never count as unread, and
+    posting in a public room makes it one of yours. Called under the room's
+    row lock, where these seqs are the room's newest, so the move is always
+    forward; one statement for all the posters of a batch.
+    """
+    newest: dict[int, int] = {}
+    for message in messages:
+        if message.user_id is not None:
+            newest[message.user_id] = max(newest.get(message.user_id, 0), message.seq)
+    if not newest:
+        return
+    now = timezone.now()
+    Membership.objects.bulk_create(
+        [
+            Membership(room=room, user_id=user_id, read_seq=seq, read_at=now)
+            for user_id, seq in newest.items()
+        ],
+        update_conflicts=True,
+        unique_fields=["user", "room"],
+        update_fields=["read_seq", "read_at"],
+    )
+
+
 def read_positions(
     pairs: Iterable[tuple[Room, AbstractBaseUser]],
 ) -> dict[tuple[int, int], int]:
@@ -114,15 +140,20 @@ def mentions_record(
     """Stores who each just-stored message mentions, and tells them on commit.
 
     Mentioning yourself is shown (the message's `mentions`) but not counted
-    and not notified.
+    and not notified. A public room becomes one of the mentioned person's
+    rooms, with the mention its first unread message, so that it is counted.
     """
     rows: list[Mention] = []
+    joined: list[Membership] = []
     for message, mentioned in zip(messages, users, strict=True):
         for user in mentioned:
             if user.pk == message.user_id:
                 continue
             rows.append(
                 Mention(message=message, user=user, room=message.room, seq=message.seq)
+            )
+            joined.append(
+                Membership(room=message.room, user=user, read_seq=message.seq - 1)
             )
             event = protocol.event_mention(
                 room=message.room.slug,
@@ -137,3 +168,5 @@ def mentions_record(
             )
     if rows:
         Mention.objects.bulk_create(rows)
+        # Those who have a position keep it.
+        Membership.objects.bulk_create(joined, ignore_conflicts=True)

@@ -18,7 +18,7 @@ from django.db.models import Count, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from chat import moderation, presence, protocol, reading
+from chat import membership, moderation, presence, protocol, reading
 from chat.broadcast import broadcast_room, send_to_user
 from chat.models import Membership, Mention, Message, Room
 
@@ -32,11 +32,22 @@ class InvalidRoomName(ValueError):
 # ---------------------------------------------------------------------------
 
 
-def room_get(*, slug: str) -> Room | None:
-    """Returns the room named `slug`, or None if it is invalid or does not exist."""
+def room_get(*, slug: str, user: AbstractBaseUser | None = None) -> Room | None:
+    """Returns the room named `slug`, or None if it is invalid or does not exist.
+
+    With `user`, also None for a room they may not enter: to them a private
+    room they are not in does not exist.
+    """
     if not protocol.is_valid_room_name(slug):
         return None
-    return Room.objects.filter(slug=slug).first()
+    room = Room.objects.filter(slug=slug).first()
+    if (
+        room is not None
+        and user is not None
+        and not membership.room_visible(room, user)
+    ):
+        return None
+    return room
 
 
 def room_get_or_create(*, slug: str) -> tuple[Room, bool]:
@@ -56,12 +67,21 @@ class RoomSummary:
     unread: int = 0
     mentions: int = 0
     member: bool = False
+    kind: str = Room.Kind.PUBLIC
+    # A direct message's other person, for the user the list is for.
+    partner: str | None = None
+
+    @property
+    def title(self) -> str:
+        """What the room is called: #slug, or @name for a direct message."""
+        return f"@{self.partner}" if self.partner else f"#{self.slug}"
 
 
 def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
     """Returns every room with its online count, most recently active first.
 
-    For `user`, each also says how many messages they have not read there and
+    For `user`, only the rooms they may see (public ones and their own), and
+    each also says how many messages they have not read there and
     how many of those mention them: one query for the whole list, whatever
     the number of rooms and messages (unread is the room's newest seq minus
     the read position; a mention count reads only the unread mentions).
@@ -75,7 +95,13 @@ def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
         last_activity=Coalesce(F("last_message_at"), F("created_at")),
     ).order_by("-last_activity", "slug")
     if user is not None:
-        rooms = rooms.annotate(
+        rooms = rooms.filter(membership.visible_to(user)).annotate(
+            # Read for every room, used for direct messages only.
+            partner=Subquery(
+                Membership.objects.filter(room=OuterRef("pk"))
+                .exclude(user=user)
+                .values("user__username")[:1]
+            ),
             read_seq=Subquery(
                 Membership.objects.filter(room=OuterRef("pk"), user=user).values(
                     "read_seq"
@@ -97,6 +123,8 @@ def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
                 0,
             ),
         )
+    else:
+        rooms = rooms.filter(kind=Room.Kind.PUBLIC)
     summaries = []
     for room in rooms:
         read_seq = getattr(room, "read_seq", None)
@@ -108,6 +136,12 @@ def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
                 unread=max(0, room.last_seq - read_seq) if read_seq is not None else 0,
                 mentions=getattr(room, "mention_count", 0),
                 member=read_seq is not None,
+                kind=room.kind,
+                partner=(
+                    getattr(room, "partner", None)
+                    if room.kind == Room.Kind.DIRECT
+                    else None
+                ),
             )
         )
     return summaries
@@ -236,10 +270,16 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
             continue
         locked.last_message_at = now
         locked.save(update_fields=["last_seq", "last_message_at"])
-        mentioned = reading.mentioned_users([message.body for message in new])
+        mentioned = membership.members_of(
+            [
+                (locked, users)
+                for users in reading.mentioned_users([m.body for m in new])
+            ]
+        )
         for message, users in zip(new, mentioned, strict=True):
             message.mentions = [user.get_username() for user in users]
         Message.objects.bulk_create(new)
+        reading.posters_read(locked, new)
         reading.mentions_record(new, mentioned)
         for message in new:
             event = message_event(message, room_slug=locked.slug)
@@ -462,11 +502,18 @@ def sockets_open(
     banned = moderation.banned_pairs(
         (rooms[r.slug], r.user) for r in requests if r.slug in rooms
     )
+    # Read positions, and for a private room membership: who may enter.
+    positions = reading.read_positions(
+        (rooms[r.slug], r.user) for r in requests if r.slug in rooms
+    )
     results: list[tuple[Room, protocol.WelcomeEvent] | SocketRefused] = []
     admitted: list[tuple[int, SocketRequest, Room]] = []
     for request in requests:
         room = rooms.get(request.slug)
-        if room is None:
+        if room is None or (
+            not room.is_public and (room.pk, request.user.pk) not in positions
+        ):
+            # A room it may not enter does not exist, as far as it can tell.
             results.append(SocketRefused(protocol.CLOSE_NO_SUCH_ROOM))
         elif (room.pk, request.user.pk) in banned:
             results.append(SocketRefused(protocol.CLOSE_FORBIDDEN))
@@ -481,7 +528,6 @@ def sockets_open(
         max_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
         max_per_address=settings.CHAT_MAX_CONNECTIONS_PER_ADDRESS,
     )
-    positions = reading.read_positions((room, r.user) for _, r, room in admitted)
     shared: dict = {}
     for (index, request, room), outcome in zip(admitted, recorded, strict=True):
         if isinstance(outcome, presence.TooManyConnections):

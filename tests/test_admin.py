@@ -18,6 +18,7 @@ from chat import moderation, presence, protocol, services, tokens
 from chat.models import (
     ApiToken,
     Connection,
+    Membership,
     Message,
     ModerationAction,
     Room,
@@ -629,3 +630,67 @@ def test_a_changelist_costs_the_same_queries_for_1_row_and_for_20(
         response = admin_client.get(url)
     # The migrations' "general" room is listed too.
     assert len(response.context["cl"].result_list) == listed + 19
+
+
+def membership_post(room, rows: list[tuple[int | None, int, bool]]) -> dict[str, str]:
+    """The change form's data with membership rows (pk or None, user pk, delete)."""
+    data = {
+        "connections-TOTAL_FORMS": "0",
+        "connections-INITIAL_FORMS": "0",
+        "memberships-TOTAL_FORMS": str(len(rows)),
+        "memberships-INITIAL_FORMS": str(sum(pk is not None for pk, _, _ in rows)),
+    }
+    for index, (pk, user, delete) in enumerate(rows):
+        prefix = f"memberships-{index}-"
+        data[prefix + "room"] = str(room.pk)
+        data[prefix + "user"] = str(user)
+        if pk is not None:
+            data[prefix + "id"] = str(pk)
+        if delete:
+            data[prefix + "DELETE"] = "on"
+    return data
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_adds_and_removes_members_of_a_private_room(
+    admin_client, alice, bob, monkeypatch
+):
+    from chat import membership
+
+    kicked: list[tuple[int, str]] = []
+    monkeypatch.setattr(
+        membership, "send_kick", lambda user_id, slug: kicked.append((user_id, slug))
+    )
+    secret = membership.room_create(slug="secret", user=alice, private=True)
+    owner = Membership.objects.get(room=secret, user=alice)
+    change = f"{ROOMS}{secret.pk}/change/"
+    added = admin_client.post(
+        change,
+        membership_post(secret, [(owner.pk, alice.pk, False), (None, bob.pk, False)]),
+    )
+    assert added.status_code == 302, added.content.decode()[:3000]
+    assert membership.room_members(secret) == ["alice", "bob"]
+    assert kicked == []
+    bobs = Membership.objects.get(room=secret, user=bob)
+    removed = admin_client.post(
+        change,
+        membership_post(secret, [(owner.pk, alice.pk, False), (bobs.pk, bob.pk, True)]),
+    )
+    assert removed.status_code == 302, removed.content.decode()[:3000]
+    assert membership.room_members(secret) == ["alice"]
+    assert kicked == [(bob.pk, "secret")]
+
+
+@pytest.mark.django_db
+def test_a_public_rooms_read_positions_cannot_be_changed_in_the_admin(
+    admin_client, room, alice
+):
+    from chat import reading
+
+    services.message_post(room=room, user=alice, text="hi")
+    reading.read_advance(room=room, user=alice, seq=1)
+    row = Membership.objects.get()
+    admin_client.post(
+        f"{ROOMS}{room.pk}/change/", membership_post(room, [(row.pk, alice.pk, True)])
+    )
+    assert Membership.objects.filter(pk=row.pk).exists()

@@ -885,6 +885,22 @@ async def test_two_layer_instances_on_one_redis_fan_out(
     assert (from_a["seq"], from_b["seq"]) == (2, 1)
 
 
+async def test_reading_on_one_worker_reaches_the_users_socket_on_another(
+    connect, second_worker, alice, bob, room
+):
+    here, _ = await connect(alice)
+    there, _ = await second_worker.connect(alice)
+    writer, _ = await connect(bob)
+    await post(writer, "read me")
+    for client in (here, there):
+        assert (await client.receive_type("message"))["seq"] == 1
+    with second_worker.sending() as sent:
+        await there.send({"type": "read", "seq": 1})
+        for client in (there, here):
+            assert_event(await client.receive_type("read"), "read", room="lobby", seq=1)
+    assert protocol.user_group_name(alice.pk) in sent
+
+
 async def test_the_post_rate_limit_is_shared_by_the_workers(
     connect, second_worker, alice, room, settings
 ):

@@ -162,7 +162,8 @@ def test_posts_without_an_at_sign_cost_no_mention_query(room, alice, bob):
     with CaptureQueriesContext(connection) as mentioning:
         services.message_post(room=room, user=alice, text="@bob look")
     assert not any("auth_user" in q["sql"] for q in plain.captured_queries)
-    assert len(mentioning) == len(plain) + 2  # the users, the mention rows
+    # The users, the mention rows, the mentioned person's place in the room.
+    assert len(mentioning) == len(plain) + 3
 
 
 # ---------------------------------------------------------------------------
@@ -190,8 +191,35 @@ def test_unread_and_mention_counts_follow_the_read_position(room, alice, bob):
     assert counts(bob)["lobby"] == (6, 2, True)
     reading.read_advance(room=room, user=bob, seq=8)
     assert counts(bob)["lobby"] == (1, 1, True)
-    assert counts(alice)["lobby"] == (0, 0, False)
+    # What alice wrote she has read: the room is hers, nothing unread.
+    assert counts(alice)["lobby"] == (0, 0, True)
     assert counts(bob)["other"] == (0, 0, False)
+
+
+@pytest.mark.django_db
+def test_posting_moves_the_posters_read_position_to_their_post(room, alice, bob):
+    seed(room, bob, 3)
+    reading.read_advance(room=room, user=alice, seq=1)
+    services.message_post(room=room, user=alice, text="caught up")
+    assert position(room, alice) == 4
+    seed(room, bob, 2)
+    assert counts(alice)["lobby"] == (2, 0, True)
+    # Never back: a later read of an older seq leaves it.
+    assert reading.read_advance(room=room, user=alice, seq=2) is None
+    assert position(room, alice) == 4
+
+
+@pytest.mark.django_db
+def test_a_mention_in_a_room_never_visited_is_counted_from_it(room, alice, bob):
+    seed(room, alice, 5)
+    assert counts(bob)["lobby"] == (0, 0, False)
+    services.message_post(room=room, user=alice, text="@bob welcome")
+    seed(room, alice, 2)
+    assert counts(bob)["lobby"] == (3, 1, True)
+    # A position already there stays where it is.
+    reading.read_advance(room=room, user=bob, seq=8)
+    services.message_post(room=room, user=alice, text="@bob again")
+    assert position(room, bob) == 8 and counts(bob)["lobby"] == (1, 1, True)
 
 
 @pytest.mark.django_db

@@ -353,6 +353,19 @@ def stored_count(server: DaphneServer, room: str, text: str) -> int:
     return rows[0][0]
 
 
+def stored_read_seq(server: DaphneServer, username: str, room: str) -> int | None:
+    """Returns how far the server has stored that `username` read `room`."""
+    rows = query_db(
+        server,
+        "SELECT m.read_seq FROM chat_membership m"
+        " JOIN auth_user u ON u.id = m.user_id JOIN chat_room r ON r.id = m.room_id"
+        " WHERE u.username = ? AND r.slug = ?",
+        username,
+        room,
+    )
+    return rows[0][0] if rows else None
+
+
 def screenshot_path(name: str) -> Path:
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     return OUTPUT_DIR / name

@@ -1,7 +1,8 @@
 """The room at phone and desktop width, with screenshots for a reviewer.
 
 They land in test-output/browser/; docs/screenshots/room.png (in the README) is
-a copy of room-1280.png.
+a copy of room-1280.png. read-state-*.png show the "New" line, a mention and
+the room list's counts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from tests.browser.conftest import (
     DESKTOP,
     PHONE,
     Account,
+    create_room,
     open_room,
+    post_messages,
     screenshot_path,
     send,
     sign_up,
+    stored_read_seq,
     wait_for_texts,
+    wait_until,
 )
 
 CONVERSATION = [
@@ -76,3 +81,57 @@ def assert_fits(page, viewport) -> None:
             selector,
             box,
         )
+
+
+def test_read_state_at_desktop_and_phone_width(browsing, server):
+    """Carol comes back to #design: the "New" line, a mention of her, and her
+    other room's counts beside it (and behind the Rooms button on a phone)."""
+    carol = Account("carol", sign_up(server.base_url, "carol"))
+    dave = Account("dave", sign_up(server.base_url, "dave"))
+    for name in ("design", "releases"):
+        create_room(server.base_url, dave.sessionid, name)
+    post_messages(
+        server, dave, "design", ["Sketches for the sidebar are up.", "Two options."]
+    )
+    post_messages(server, dave, "releases", ["1.4 is tagged."])
+    for name, last in (("design", "Two options."), ("releases", "1.4 is tagged.")):
+        visit = open_room(browsing, server, carol, name)
+        wait_for_texts(visit, [last])
+        wait_until(
+            lambda name=name: stored_read_seq(server, "carol", name) is not None,
+            f"carol's visit to #{name} to be stored",
+        )
+        visit.close()
+    post_messages(
+        server,
+        dave,
+        "design",
+        [
+            "Went with option B: badges right of the name.",
+            "@carol can you check the phone layout?",
+            "The mention badge is the red one.",
+        ],
+    )
+    post_messages(server, dave, "releases", ["1.5 freeze on Friday", "@carol ok?"])
+
+    page = open_room(browsing, server, carol, "design")
+    expect(page.locator("#messages li.new-line")).to_be_in_viewport()
+    expect(page.locator("#messages li.mention-me")).to_have_count(1)
+    others = page.locator('#room-list li[data-room="releases"] .counts')
+    expect(others).to_have_attribute("data-unread", "2")
+    expect(others).to_have_attribute("data-mentions", "1")
+    expect(page).to_have_title("(2, @1) #design · Chat")
+    page.screenshot(path=screenshot_path("read-state-1280.png"))
+    assert_fits(page, DESKTOP)
+
+    page.set_viewport_size(PHONE)
+    assert_fits(page, PHONE)
+    page.locator("#room-list-toggle").click()
+    expect(page.locator("#room-list-panel")).to_be_visible()
+    page.screenshot(path=screenshot_path("read-state-360.png"))
+
+    lobby = browsing.page(page.context, "/chat/")
+    expect(lobby.locator('#rooms tr[data-room="releases"] .counts')).to_have_attribute(
+        "data-mentions", "1"
+    )
+    lobby.screenshot(path=screenshot_path("lobby-1280.png"))

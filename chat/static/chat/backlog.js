@@ -61,6 +61,8 @@ export function createBacklog({
 
   return {
     setHasMore,
+    // Returns true when older messages exist before the first one shown.
+    hasMore: () => hasMore,
     maybeLoadOlder,
     // Called with the messages just shown: a seq whose predecessor never
     // came means a broadcast was lost or overtaken, or a resume fell short.

@@ -1,7 +1,9 @@
-// The lobby page: the room list, refreshed every few seconds while the tab is
-// visible (it polls the rooms URL), and the room-name form, checked with the
-// server's rule before it is sent.
+// The lobby page: the room list with each room's unread and mention counts,
+// refreshed every few seconds while the tab is visible (rooms.js polls the
+// rooms URL), and the room-name form, checked with the server's rule before
+// it is sent.
 import { fullMatch, positiveNumber } from "./limits.js";
+import { createRoomsFeed, renderCounts, reorder } from "./rooms.js";
 
 const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
 
@@ -36,12 +38,10 @@ export function initLobby(section) {
 }
 
 function initRoomList(section) {
-  const url = section.dataset.roomsUrl;
   const table = document.getElementById("rooms");
   const tbody = table.tBodies[0];
   const empty = document.getElementById("rooms-empty");
   const stateEl = document.getElementById("rooms-state");
-  let timer = null;
 
   function setActivity(cell, iso) {
     const date = new Date(iso);
@@ -61,7 +61,12 @@ function initRoomList(section) {
     const name = document.createElement("td");
     const link = document.createElement("a");
     link.href = room.url;
-    link.textContent = "#" + room.room;
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = room.title || "#" + room.room;
+    const counts = document.createElement("span");
+    counts.className = "counts";
+    link.append(label, " ", counts);
     name.append(link);
     const online = document.createElement("td");
     online.className = "online";
@@ -73,61 +78,38 @@ function initRoomList(section) {
 
   function render(rooms) {
     const rows = new Map(Array.from(tbody.rows, (row) => [row.dataset.room, row]));
-    const focused = tbody.contains(document.activeElement) ? document.activeElement : null;
     const ordered = rooms.map((room) => {
       const row = rows.get(room.room) || newRow(room);
-      rows.delete(room.room);
       const online = row.querySelector(".online");
       if (online.textContent !== String(room.online)) online.textContent = String(room.online);
       setActivity(row.querySelector(".activity") || row.cells[2], room.last_activity);
+      renderCounts(row.querySelector(".counts"), room.unread, room.mentions);
       return row;
     });
-    rows.forEach((row) => row.remove());
-    // Move rows only when the order changed, and give focus back to a link
-    // that moved, so keyboard users do not lose their place.
-    const current = Array.from(tbody.rows);
-    if (ordered.length !== current.length || ordered.some((row, i) => row !== current[i])) {
-      tbody.replaceChildren(...ordered);
-      if (focused && focused.isConnected) focused.focus();
-    }
+    reorder(tbody, ordered);
     table.hidden = rooms.length === 0;
     empty.hidden = rooms.length !== 0;
   }
 
-  async function refresh() {
-    clearTimeout(timer);
-    timer = null;
-    if (document.hidden) return; // visibilitychange brings us back
-    try {
-      const response = await fetch(url, {
-        headers: { Accept: "application/json" },
-        credentials: "same-origin",
-        cache: "no-store",
-      });
-      if (!response.ok) throw new Error("HTTP " + response.status);
-      render((await response.json()).rooms);
-      section.dataset.refreshed = String(Number(section.dataset.refreshed || 0) + 1);
-      stateEl.textContent = "Updated live";
-      stateEl.classList.remove("stale");
-    } catch (err) {
-      console.warn("room list refresh failed", err);
-      stateEl.textContent = "Live updates paused: retrying…";
-      stateEl.classList.add("stale");
-    }
+  const feed = createRoomsFeed({
+    url: section.dataset.roomsUrl,
     // Read each time: a test may shorten it.
-    const every = positiveNumber(section, "refreshMs");
-    if (!timer && !document.hidden) timer = setTimeout(refresh, every);
-  }
-
-  document.addEventListener("visibilitychange", () => {
-    if (!document.hidden) refresh();
+    intervalMs: () => positiveNumber(section, "refreshMs"),
+    onRooms(rooms) {
+      render(rooms);
+      section.dataset.refreshed = String(Number(section.dataset.refreshed || 0) + 1);
+    },
+    onState(ok) {
+      stateEl.textContent = ok ? "Updated live" : "Live updates paused: retrying…";
+      stateEl.classList.toggle("stale", !ok);
+    },
   });
 
   Array.from(tbody.rows).forEach((row) => {
     const time = row.querySelector("time");
     if (time) setActivity(time.parentElement, time.dateTime);
   });
-  refresh();
+  feed.start();
 }
 
 function initRoomForm(section) {

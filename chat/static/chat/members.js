@@ -13,7 +13,10 @@ export function namesSummary(names) {
 
 // me: this page's user. send(frame) -> bool and isReady(): the connection's.
 // listEl, countEl, moreButton: the list, its count, its "Show more" control.
+// Each other name links to a direct message with them: listEl's
+// data-direct-url, with __name__ for the name.
 export function createMembers({ me, send, isReady, listEl, countEl, moreButton }) {
+  const directUrl = listEl.dataset.directUrl || "";
   const members = new Set(); // the names listed (the server's pages, and joins since)
   let total = 0; // the server's count of users in the room
   let more = false; // names after `cursor` are not loaded yet
@@ -25,7 +28,15 @@ export function createMembers({ me, send, isReady, listEl, countEl, moreButton }
       .sort()
       .map((name) => {
         const item = document.createElement("li");
-        item.textContent = name;
+        if (name !== me && directUrl) {
+          const link = document.createElement("a");
+          link.href = directUrl.replace("__name__", encodeURIComponent(name));
+          link.textContent = name;
+          link.title = "Message " + name + " directly";
+          item.append(link);
+        } else {
+          item.textContent = name;
+        }
         if (name === me) {
           item.className = "own";
           const you = document.createElement("span");

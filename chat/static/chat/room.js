@@ -7,15 +7,27 @@ import { createComposer } from "./composer.js";
 import { createConnection } from "./connection.js";
 import { positiveNumber } from "./limits.js";
 import { createMembers, namesSummary } from "./members.js";
+import { createNotifications } from "./notifications.js";
 import { createOutbox } from "./outbox.js";
+import { createReadState } from "./readstate.js";
+import { createRoomList } from "./roomlist.js";
 import { createTimeline } from "./timeline.js";
 import { createTyping } from "./typing.js";
 
 const ROOM_CLOSED = "This room is closed";
 
+// "(3) #general · Chat", "(3, @1) #general · Chat": unread messages in all
+// the user's rooms, and how many of them mention the user.
+function titled(base, { unread, mentions }) {
+  if (!unread && !mentions) return base;
+  return "(" + unread + (mentions ? ", @" + mentions : "") + ") " + base;
+}
+
 // Called with the page's `.room` section.
 export function initRoom(roomEl) {
   const me = roomEl.dataset.user;
+  const room = roomEl.dataset.room;
+  const baseTitle = document.title;
   const byId = (id) => document.getElementById(id);
   const send = (frame) => connection.send(frame);
   const isReady = () => connection.isReady();
@@ -57,6 +69,40 @@ export function initRoom(roomEl) {
     },
     onKeystroke: () => typing.keystroke(),
   });
+  const readState = createReadState({
+    timeline,
+    list: byId("messages"),
+    send,
+    hasMore: () => backlog.hasMore(),
+    roomEl,
+    onChange: () => roomList.setHere(readState.counts()),
+  });
+  const roomList = createRoomList({
+    current: room,
+    listEl: byId("room-list"),
+    panel: byId("room-list-panel"),
+    toggle: byId("room-list-toggle"),
+    totalEl: byId("room-list-total"),
+    url: roomEl.dataset.roomsUrl,
+    // Read each time: a test may shorten it.
+    intervalMs: () => positiveNumber(roomEl, "roomsRefreshMs"),
+    onTotals: (totals) => {
+      document.title = titled(baseTitle, totals);
+    },
+  });
+  let mentionsHandled = 0;
+  const notifications = createNotifications({
+    button: byId("notify-enable"),
+    current: room,
+    roomUrl: (slug) =>
+      roomList.urlOf(slug) || roomEl.dataset.lobbyUrl + encodeURIComponent(slug) + "/",
+    isRead: (slug, seq) =>
+      (slug === room ? readState.position() : roomList.readUpTo(slug)) >= seq,
+    onDecided() {
+      mentionsHandled += 1;
+      roomEl.dataset.mentionsHandled = String(mentionsHandled);
+    },
+  });
   const typing = createTyping({
     me,
     el: byId("typing"),
@@ -92,7 +138,7 @@ export function initRoom(roomEl) {
   }
 
   const connection = createConnection({
-    room: roomEl.dataset.room,
+    room,
     since: timeline.lastSeq,
     deletions: () => deletionsSeen,
     statusText: byId("status-text"),
@@ -157,7 +203,8 @@ export function initRoom(roomEl) {
       case "message":
         return onMessages([frame], true);
       case "history":
-        return backlog.history(frame);
+        backlog.history(frame);
+        return readState.shown();
       case "presence":
         return onPresence(frame);
       case "members":
@@ -165,7 +212,14 @@ export function initRoom(roomEl) {
       case "typing":
         return typing.show(frame.user);
       case "deleted":
-        return onDeleted(frame);
+        onDeleted(frame);
+        return readState.shown();
+      case "read":
+        if (frame.room === room) return readState.remote(frame.seq);
+        return roomList.read(frame.room, frame.seq);
+      case "mention":
+        if (frame.room !== room) roomList.mention(frame);
+        return notifications.mention(frame);
       case "room":
         return setReadOnly(Boolean(frame.closed));
       case "push":
@@ -187,11 +241,18 @@ export function initRoom(roomEl) {
     members.welcome(frame);
     setReadOnly(Boolean(frame.closed));
     if (!resumed) backlog.setHasMore(frame.has_more);
+    readState.welcome(frame);
     // After a resume that missed too much, the server sends the latest page
     // instead, and the gap check in onMessages asks for the rest.
     onMessages(frame.messages, resumed);
     if (resumed) backlog.refill();
-    else timeline.scrollToBottom();
+    else {
+      // At the end of the conversation, or up at the "New" line when what
+      // came since the last visit does not fit.
+      timeline.scrollToBottom();
+      timeline.revealNewLine();
+    }
+    readState.settle();
     // Whatever was typed while offline goes out now, with its original
     // client_id, so the server stores it once even if an earlier try got
     // through; the echoes above have already taken the stored ones out.
@@ -210,6 +271,7 @@ export function initRoom(roomEl) {
     );
     backlog.checkGaps(added);
     if (live) timeline.arrived(added, ownEcho);
+    readState.shown();
   }
 
   function onPresence(frame) {
@@ -237,6 +299,7 @@ export function initRoom(roomEl) {
   });
 
   connection.start();
+  roomList.start();
 }
 
 const roomEl = document.querySelector(".room[data-room]");

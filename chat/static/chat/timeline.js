@@ -1,12 +1,15 @@
 // The message list: messages in seq order above the posts still being sent,
-// grouped by author and day, the reader's place kept while things come in
-// above or below, the "new messages" marker and the unread count in the tab's
-// title. It also remembers which seqs were received. User text is only ever
-// set with textContent.
+// grouped by author and day, mentions of this page's user highlighted, the
+// reader's place kept while things come in above or below, the "new
+// messages" button and the "New" line above the first unread message. It
+// also remembers which seqs were received, and says which are in view. User
+// text is only ever set with textContent.
 
 // A message continues its author's group within this long of the previous one.
 const GROUP_GAP_MS = 5 * 60 * 1000;
 const NEAR_BOTTOM_PX = 40;
+// The "New" line is scrolled to this far below the top of the list.
+const NEW_LINE_MARGIN_PX = 24;
 
 function dayKey(date) {
   return date.getFullYear() + "-" + (date.getMonth() + 1) + "-" + date.getDate();
@@ -23,6 +26,32 @@ function dayLabel(date) {
     month: "long",
     day: "numeric",
   });
+}
+
+// "@name", not inside a word or an e-mail address, with Django's username
+// characters but "@": the server's rule (MENTION_PATTERN in chat/protocol.py,
+// where \w is any letter or digit), so that what is highlighted is what the
+// server found.
+const MENTION = /(?<![\p{L}\p{N}_@.+-])@([\p{L}\p{N}_.+-]{1,150})/gu;
+
+// Returns `text` as strings and {mention} parts: the "@name" tokens that
+// name one of `names` (the message's `mentions`). As on the server, "@bob."
+// names "bob." if there is such a user, else "bob".
+export function mentionParts(text, names) {
+  if (!Array.isArray(names) || !names.length) return [text];
+  const wanted = new Set(names);
+  const parts = [];
+  let from = 0;
+  for (const found of text.matchAll(MENTION)) {
+    const token = found[1];
+    const name = wanted.has(token) ? token : token.replace(/[.+-]+$/, "");
+    if (!name || !wanted.has(name)) continue;
+    if (found.index > from) parts.push(text.slice(from, found.index));
+    parts.push({ mention: name });
+    from = found.index + 1 + name.length;
+  }
+  if (from < text.length) parts.push(text.slice(from));
+  return parts;
 }
 
 function nextMessage(el) {
@@ -70,8 +99,11 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
   const seen = new Set(); // seqs received (rendered, or deleted since)
   let lastSeq = 0; // the highest seq received
   let newBelow = 0; // messages that arrived below while scrolled up
-  let unread = 0; // messages from others while the tab was hidden
-  const baseTitle = document.title;
+  const newLine = document.createElement("li"); // "New", above the first unread
+  newLine.className = "new-line";
+  newLine.setAttribute("role", "separator");
+  newLine.setAttribute("aria-label", "New messages");
+  newLine.textContent = "New";
 
   function atBottom() {
     return list.scrollHeight - list.scrollTop - list.clientHeight < NEAR_BOTTOM_PX;
@@ -109,7 +141,11 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
   function messageItem(message) {
     const date = message.ts ? new Date(message.ts) : new Date();
     const item = document.createElement("li");
+    const mentions = Array.isArray(message.mentions) ? message.mentions : [];
     item.className = "message" + (message.user === me ? " own" : "");
+    // Only someone else's mention of me is news; the server never notifies
+    // a user of their own.
+    if (message.user !== me && mentions.includes(me)) item.classList.add("mention-me");
     if (message.seq) item.dataset.seq = String(message.seq);
     if (message.id) item.dataset.id = String(message.id);
     item.dataset.user = message.user;
@@ -134,7 +170,16 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
     const body = document.createElement("div");
     body.className = "body";
     body.dir = "auto"; // right-to-left text reads right to left
-    body.textContent = message.message;
+    for (const part of mentionParts(message.message, mentions)) {
+      if (typeof part === "string") {
+        body.append(document.createTextNode(part));
+        continue;
+      }
+      const mention = document.createElement("span");
+      mention.className = "mention" + (part.mention === me ? " me" : "");
+      mention.textContent = "@" + part.mention;
+      body.append(mention);
+    }
     item.append(meta, body);
     return item;
   }
@@ -176,8 +221,10 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
       newBelow === 1 ? "1 new message ↓" : newBelow + " new messages ↓";
   }
 
-  function renderTitle() {
-    document.title = unread ? "(" + unread + ") " + baseTitle : baseTitle;
+  // The stored messages shown, newest first.
+  function* newestFirst() {
+    const items = list.querySelectorAll("li.message[data-seq]");
+    for (let i = items.length - 1; i >= 0; i--) yield items[i];
   }
 
   list.addEventListener("scroll", () => {
@@ -189,12 +236,6 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
   newMessagesButton.addEventListener("click", () => {
     scrollToBottom();
     onJumped();
-  });
-  document.addEventListener("visibilitychange", () => {
-    if (!document.hidden) {
-      unread = 0;
-      renderTitle();
-    }
   });
 
   return {
@@ -222,17 +263,64 @@ export function createTimeline({ me, list, historyEdge, newMessagesButton, onJum
       return true;
     },
     // Called after live messages were rendered: follow them down, or count
-    // them on the marker and in the title.
+    // them on the "new messages" button.
     arrived(added, ownEcho) {
       if (ownEcho) scrollToBottom();
       else if (added.length && !atBottom()) {
         newBelow += added.length;
         renderNewBelow();
       }
-      if (document.hidden) {
-        unread += added.filter((m) => m.user !== me).length;
-        renderTitle();
+    },
+    // Returns the highest seq whose message has its end in view (a message
+    // taller than the list counts once its last line was on screen), or 0.
+    highestInView() {
+      const view = list.getBoundingClientRect();
+      for (const item of newestFirst()) {
+        const box = item.getBoundingClientRect();
+        if (box.top >= view.bottom) continue; // below the view
+        if (box.bottom <= view.top) return 0; // everything further up is too
+        if (box.bottom <= view.bottom + 1) return Number(item.dataset.seq);
       }
+      return 0;
+    },
+    // Returns the messages from others after seq `floor` that are shown:
+    // {unread, mentions, first} (first: the oldest one's seq, or 0).
+    othersAfter(floor) {
+      let unread = 0;
+      let mentions = 0;
+      let first = 0;
+      for (const item of newestFirst()) {
+        const seq = Number(item.dataset.seq);
+        if (seq <= floor) break;
+        if (item.dataset.user === me) continue;
+        unread += 1;
+        if (item.classList.contains("mention-me")) mentions += 1;
+        first = seq;
+      }
+      return { unread, mentions, first };
+    },
+    // Puts the "New" line just above message `seq`, or takes it away (0).
+    setNewLine(seq) {
+      const item = seq ? list.querySelector('li.message[data-seq="' + Number(seq) + '"]') : null;
+      if (item ? item.previousElementSibling === newLine : !newLine.isConnected) return;
+      keepScroll(() => {
+        const after = nextMessage(newLine.isConnected ? newLine : null);
+        newLine.remove();
+        if (item) list.insertBefore(newLine, item);
+        // The message after the line heads its group, with its author.
+        regroup(after);
+        regroup(item);
+      });
+    },
+    hasNewLine: () => newLine.isConnected,
+    // Scrolls the "New" line into view when it is above the view: the place
+    // to start reading on entry. A line that is already in view (or below
+    // the view) stays where it is, so a short unread run still shows the
+    // end of the conversation.
+    revealNewLine() {
+      if (!newLine.isConnected) return;
+      const top = newLine.getBoundingClientRect().top - list.getBoundingClientRect().top;
+      if (top < 0) list.scrollTop += top - NEW_LINE_MARGIN_PX;
     },
     // Removes the message a `deleted` event names.
     deleted(frame) {
