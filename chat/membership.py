@@ -17,7 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 
-from chat import protocol
+from chat import protocol, reading
 from chat.broadcast import send_kick
 from chat.models import Membership, Room
 
@@ -188,19 +188,13 @@ def members_of(
     """Keeps, of each list of users, those who may enter its room (all of
     them in a public room); one query for all the private ones."""
     private = [
-        (room.pk, user.pk)
+        (room, user)
         for room, users in rooms_and_users
         if not room.is_public
         for user in users
     ]
-    if not private:
-        return [users for _, users in rooms_and_users]
-    members = set(
-        Membership.objects.filter(
-            room_id__in={room for room, _ in private},
-            user_id__in={user for _, user in private},
-        ).values_list("room_id", "user_id")
-    )
+    # A member of a private room is a user with a place (a read position) in it.
+    members = reading.read_positions(private)
     return [
         users
         if room.is_public

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models import Case, Count, F, OuterRef, Q, Subquery, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -96,11 +96,16 @@ def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
     ).order_by("-last_activity", "slug")
     if user is not None:
         rooms = rooms.filter(membership.visible_to(user)).annotate(
-            # Read for every room, used for direct messages only.
-            partner=Subquery(
-                Membership.objects.filter(room=OuterRef("pk"))
-                .exclude(user=user)
-                .values("user__username")[:1]
+            # A direct message's other member (no lookup for other rooms).
+            partner=Case(
+                When(
+                    kind=Room.Kind.DIRECT,
+                    then=Subquery(
+                        Membership.objects.filter(room=OuterRef("pk"))
+                        .exclude(user=user)
+                        .values("user__username")[:1]
+                    ),
+                )
             ),
             read_seq=Subquery(
                 Membership.objects.filter(room=OuterRef("pk"), user=user).values(
@@ -137,11 +142,7 @@ def room_list(*, user: AbstractBaseUser | None = None) -> list[RoomSummary]:
                 mentions=getattr(room, "mention_count", 0),
                 member=read_seq is not None,
                 kind=room.kind,
-                partner=(
-                    getattr(room, "partner", None)
-                    if room.kind == Room.Kind.DIRECT
-                    else None
-                ),
+                partner=getattr(room, "partner", None),
             )
         )
     return summaries
