@@ -281,6 +281,11 @@ def test_a_user_kicked_in_the_admin_is_removed_and_does_not_reconnect(
     room = new_room(server, alice)
     page_a = open_room(browsing, server, alice, room)
     page_b = open_room(browsing, server, bob, room)
+    # The join announced, not only counted: a kick within the same presence
+    # interval would fold the join and the leave into one leave, with no notice.
+    expect(page_a.locator("#messages li.notice").last).to_have_text(
+        f"{bob.username} joined"
+    )
     expect(page_a.locator("#member-count")).to_have_text("2")
     reconnects = watch_sockets(page_b)
 
@@ -316,6 +321,11 @@ def test_a_user_banned_in_the_admin_is_removed_and_refused_on_reload(
     elsewhere = new_room(server, alice, "elsewhere")
     page_a = open_room(browsing, server, alice, room)
     page_b = open_room(browsing, server, bob, room)
+    # The join announced, not only counted: a kick within the same presence
+    # interval would fold the join and the leave into one leave, with no notice.
+    expect(page_a.locator("#messages li.notice").last).to_have_text(
+        f"{bob.username} joined"
+    )
     expect(page_a.locator("#member-count")).to_have_text("2")
 
     response = admin_site.form_post(
