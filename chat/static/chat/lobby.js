@@ -63,7 +63,7 @@ function initRoomList(section) {
     link.href = room.url;
     const label = document.createElement("span");
     label.className = "name";
-    label.textContent = room.title || "#" + room.room;
+    label.textContent = room.title;
     const counts = document.createElement("span");
     counts.className = "counts";
     link.append(label, " ", counts);

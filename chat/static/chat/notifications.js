@@ -15,10 +15,11 @@ function supported() {
 }
 
 // button: "Enable notifications", shown while the browser has not been
-// asked. current: this room's slug. roomUrl(slug): a room's page.
+// asked. current: this room's slug. roomUrl(slug): a room's page;
+// roomTitle(slug): what it is called (#general, @bob).
 // isRead(room, seq): a tab or device of the user has read `room` up to `seq`.
 // onDecided(): a mention was shown or let go (for tests to wait on).
-export function createNotifications({ button, current, roomUrl, isRead, onDecided }) {
+export function createNotifications({ button, current, roomUrl, roomTitle, isRead, onDecided }) {
   function renderButton() {
     button.hidden = !supported() || Notification.permission !== "default";
   }
@@ -34,7 +35,7 @@ export function createNotifications({ button, current, roomUrl, isRead, onDecide
   });
 
   function show(frame) {
-    const note = new Notification("@" + frame.user + " in #" + frame.room, {
+    const note = new Notification("@" + frame.user + " in " + roomTitle(frame.room), {
       body: frame.message,
       tag: "mention-" + frame.id,
     });

@@ -96,6 +96,7 @@ export function initRoom(roomEl) {
     current: room,
     roomUrl: (slug) =>
       roomList.urlOf(slug) || roomEl.dataset.lobbyUrl + encodeURIComponent(slug) + "/",
+    roomTitle: (slug) => roomList.titleOf(slug),
     isRead: (slug, seq) =>
       (slug === room ? readState.position() : roomList.readUpTo(slug)) >= seq,
     onDecided() {

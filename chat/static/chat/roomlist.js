@@ -93,7 +93,7 @@ export function createRoomList({ current, listEl, panel, toggle, totalEl, url, i
       for (const room of list) {
         rooms.set(room.room, {
           room: room.room,
-          title: room.title || "#" + room.room,
+          title: room.title,
           url: room.url,
           unread: number(room.unread),
           mentions: number(room.mentions),
@@ -154,6 +154,11 @@ export function createRoomList({ current, listEl, panel, toggle, totalEl, url, i
     urlOf(room) {
       const known = rooms.get(room);
       return known && known.url ? known.url : null;
+    },
+    // What a room is called (@name for a direct message), as rooms.json says.
+    titleOf(room) {
+      const known = rooms.get(room);
+      return known && known.title ? known.title : "#" + room;
     },
   };
 }
