@@ -1,8 +1,8 @@
 """The room at phone and desktop width, with screenshots for a reviewer.
 
-They land in test-output/browser/; docs/screenshots/room.png (in the README) is
-a copy of room-1280.png. read-state-*.png show the "New" line, a mention and
-the room list's counts.
+They land in test-output/browser/; docs/screenshots/room.png and read-state.png
+(in the README) are copies of room-1280.png and read-state-1280.png, which
+shows the "New" line, a mention and the room list's counts.
 """
 
 from __future__ import annotations
