@@ -256,38 +256,70 @@ class InMemoryHubLayer(HubLayerMixin, InMemoryChannelLayer):
             await InMemoryChannelLayer.group_send(self, group, message)
 
 
+class _ReadEnded(Exception):
+    """A read stops after a pop that took nothing, its receive cancelled."""
+
+
+async def _cancel_until_done(reading: asyncio.Task) -> None:
+    # A cancel that lands as redis-py's blocking read times out can be lost
+    # on Python 3.11 (the timeout takes it for its own): the read returns
+    # nothing and channels_redis blocks again. So: cancelled until it ends.
+    while not reading.done():
+        reading.cancel()
+        try:
+            await asyncio.wait({reading}, timeout=CANCEL_RETRY_SECONDS)
+        except asyncio.CancelledError:
+            pass  # on the way out already
+
+
 class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     """channels_redis's layer with the hub: one group member per worker process."""
+
+    # Seconds a pop blocks (channels_redis: 5). A cancelled receive lets its
+    # pop end (receive_single), so this bounds how long a closed socket's
+    # consumer, and a worker's shutdown, wait for it; an idle worker pays one
+    # empty pop a second.
+    brpop_timeout = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._joins = Batch(self._group_add_many)
+        # Reads whose receive was cancelled: they end after the pop under way.
+        self._last_pop: set[asyncio.Task] = set()
 
     async def receive_single(self, channel: str) -> tuple[Any, dict[str, Any]]:
-        # A cancel that lands as redis-py's blocking read times out can be
-        # lost on Python 3.11 (the timeout takes it for its own): the read
-        # returns nothing and channels_redis blocks again, with the task
-        # cancelled in name only, and an event loop's shutdown waits for it
-        # for ever. So the read (one at a time per process: the receive
-        # lock's holder's) runs as a task of its own, cancelled until it ends.
+        # One read at a time per process (the receive lock's holder's) pops
+        # the messages of all its channels. A socket that closes cancels its
+        # receive; a cancel that reaches the pop as its reply comes in throws
+        # away a message taken for another socket. So the read runs as a task
+        # of its own: a cancel lets the pop in progress end (it blocks for
+        # brpop_timeout at most), keeps what it took, and only then ends.
         reading = asyncio.ensure_future(super().receive_single(channel))
         try:
             return await asyncio.shield(reading)
         except asyncio.CancelledError:
-            while not reading.done():
-                reading.cancel()
-                try:
-                    await asyncio.wait({reading}, timeout=CANCEL_RETRY_SECONDS)
-                except asyncio.CancelledError:
-                    pass  # on the way out already
+            self._last_pop.add(reading)
+            try:
+                await asyncio.wait({reading}, timeout=self.brpop_timeout + 1)
+            except asyncio.CancelledError:
+                pass  # cancelled again: on the way out, stop the read now
+            finally:
+                self._last_pop.discard(reading)
+            await _cancel_until_done(reading)
             if not reading.cancelled() and reading.exception() is None:
-                # Read after all: keep it for the receive of its channel, as
-                # channels_redis does with what its reads get.
+                # Kept for the receive of its channel, as channels_redis does
+                # with what its reads get.
                 targets, message = reading.result()
                 if "!" in channel:
                     for target in targets if isinstance(targets, list) else [targets]:
                         self.receive_buffer[target].put_nowait(message)
             raise
+
+    async def _brpop_with_clean(self, index: int, channel: str, timeout: float):
+        member = await super()._brpop_with_clean(index, channel, timeout)
+        if member is None and asyncio.current_task() in self._last_pop:
+            raise _ReadEnded  # its receive was cancelled: pop no more
+        return member
 
     async def window_count(
         self, key: str, index: int, ttl: int, delta: int = 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 from channels.layers import get_channel_layer
@@ -172,12 +174,65 @@ async def test_a_cancelled_receive_ends_even_when_the_cancel_meets_a_read_timeou
         for attempt in range(500):
             receiving = asyncio.ensure_future(layer.receive(channel))
             await asyncio.sleep(random.uniform(0, 2 * layer.brpop_timeout))
+            # The first cancel lets the pop under way end; a second one (an
+            # event loop's shutdown, daphne's kill) stops the read at once.
+            receiving.cancel()
+            await asyncio.sleep(0)
             receiving.cancel()
             # A bound for a hang, not a timing: an ended receive ends at once.
             done, _ = await asyncio.wait({receiving}, timeout=5)
             assert done, f"cancel {attempt} was lost: the receive still reads"
     finally:
         await layer.close_pools()
+
+
+async def test_a_receive_cancelled_as_its_pop_returns_keeps_the_message_it_took(
+    redis_server,
+):
+    """A process reads all its channels through one blocking pop at a time,
+    made by whichever receive holds the layer's lock. A socket that closes
+    cancels its receive; if that receive's pop has just taken a message for
+    another socket, a cancel that lands before the reply is read threw the
+    message away (on a loaded machine the loop often comes round to both at
+    once). The cancelled receive must hand what it took to the others."""
+    layer = RedisHubLayer(hosts=[redis_server.url])
+    closing, staying = await layer.new_channel(), await layer.new_channel()
+    try:
+        holder = asyncio.ensure_future(layer.receive(closing))
+        while not await blocked_in_a_pop(layer):
+            await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(layer.receive(staying))
+        await asyncio.sleep(0)  # it waits for the lock or for its buffer
+        # Another process sends while this loop is busy elsewhere: when the
+        # loop comes round, the pop's reply and the cancel are both there.
+        sending = threading.Thread(
+            target=send_from_elsewhere, args=(redis_server, staying)
+        )
+        sending.start()
+        sending.join()
+        time.sleep(0.2)
+        holder.cancel()
+        # A bound for a hang, not a timing.
+        done, _ = await asyncio.wait({waiting}, timeout=10)
+        assert done, "the message the cancelled receive took was lost"
+        assert waiting.result()["text"] == "for who stays"
+        assert holder.cancelled()
+    finally:
+        await layer.close_pools()
+
+
+def send_from_elsewhere(redis_server: RedisServer, channel: str) -> None:
+    async def send() -> None:
+        layer = RedisHubLayer(hosts=[redis_server.url])
+        await layer.send(channel, {"type": "chat.event", "text": "for who stays"})
+        await layer.close_pools()
+
+    asyncio.run(send())
+
+
+async def blocked_in_a_pop(layer: RedisHubLayer) -> bool:
+    info = await layer.connection(0).info("clients")
+    return info["blocked_clients"] >= 1
 
 
 async def test_a_broadcast_the_layer_drops_is_counted_and_warned(
