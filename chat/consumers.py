@@ -385,7 +385,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 "for the rate limit in a minute",
             )
             return
-        message, created = await posts_stored(
+        _, created = await posts_stored(
             services.Post(
                 room=self.room,
                 user=self.user,
@@ -393,14 +393,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 client_id=command.client_id,
             )
         )
+        # A retried send is broadcast again too (services.messages_post): the
+        # sender's acknowledgement is its copy of the broadcast, as for a new one.
         if created:
             metrics.MESSAGES_RECEIVED.inc()
-        else:
-            # A retried send: the original went to the room already, so only
-            # the sender gets it again, as its acknowledgement.
-            await self.send_event(
-                services.message_event(message, room_slug=self.room.slug)
-            )
 
     async def send_typing(self) -> None:
         if self.typing_throttle.allow():

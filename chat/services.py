@@ -239,6 +239,10 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
         # concurrent retry of the same client_id finds the first copy.
         locked = Room.objects.select_for_update().get(pk=room_pk)
         stored = _stored_by_client_id(locked, [posts[i] for i in indexes])
+        # A retry of a post stored earlier is broadcast again: its worker may
+        # have died between commit and broadcast, and in a quiet room no later
+        # seq shows the pages the hole. A page drops a seq it has.
+        resent = dict(stored)
         now = timezone.now()
         new: list[Message] = []
         for index in indexes:
@@ -246,6 +250,8 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
             key = (post.user.pk, post.client_id)
             if post.client_id is not None and key in stored:
                 outcomes[index] = (stored[key], False)
+                if (message := resent.pop(key, None)) is not None:
+                    _broadcast_on_commit(locked, message)
             elif locked.is_closed:
                 outcomes[index] = protocol.ProtocolError(
                     protocol.ERROR_ROOM_CLOSED,
@@ -283,15 +289,18 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
         reading.posters_read(locked, new)
         reading.mentions_record(new, mentioned)
         for message in new:
-            event = message_event(message, room_slug=locked.slug)
-            # robust: the stored message is the truth and the live broadcast
-            # is best effort (at most once by design); pages that miss it
-            # while Redis is away fetch it with ?since or history.
-            transaction.on_commit(
-                lambda slug=locked.slug, event=event: broadcast_room(slug, event),
-                robust=True,
-            )
+            _broadcast_on_commit(locked, message)
     return outcomes  # type: ignore[return-value]
+
+
+def _broadcast_on_commit(room: Room, message: Message) -> None:
+    event = message_event(message, room_slug=room.slug)
+    # robust: the stored message is the truth and the live broadcast is best
+    # effort (at most once by design); pages that miss it while Redis is away
+    # fetch it with ?since or history.
+    transaction.on_commit(
+        lambda slug=room.slug, event=event: broadcast_room(slug, event), robust=True
+    )
 
 
 def _stored_by_client_id(

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from harness.client import ChatSocket
 from harness.processes import PostgresServer, RedisServer
-from tests.conftest import assert_event
+from tests.conftest import assert_event, until
 from tests.integration.conftest import (
     PASSWORD,
     PLAIN_DAPHNE_COMMAND,
@@ -417,30 +418,35 @@ async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
     daphne_factory, ws_connect
 ):
     """A page that resends on another worker while the first try is in flight:
-    one row, and both sockets get that message (the page shows it once)."""
+    one row, and both sockets get that message (the page shows it once: the
+    retry is broadcast again, and a page drops a seq it has)."""
     redis_url = daphne_factory.new_redis_url()
     one = daphne_factory(redis_url=redis_url)
     two = daphne_factory(redis_url=redis_url, db_path=one.db_path)
     room = new_room(one)
     alice = new_account(one.base_url, "alice")
     for attempt in range(5):
-        here, _ = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
-        there, _ = await ws_connect(two, room, sessionid=alice.sessionid, welcome=True)
+        here = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
+        there = await ws_connect(two, room, sessionid=alice.sessionid, welcome=True)
         client_id = f"race-{attempt}"
         frame = {
             "type": "message",
             "message": f"once {attempt}",
             "client_id": client_id,
         }
-        await asyncio.gather(here.send(frame), there.send(frame))
+        await asyncio.gather(here[0].send(frame), there[0].send(frame))
         copies = []
-        for socket in (here, there):
+        for socket, welcome in (here, there):
+            # The last attempt's retry may reach this socket too, as a page
+            # gets a seq it already has.
             copy = await socket.receive_type("message")
+            while copy["seq"] <= welcome["last_seq"]:
+                copy = await socket.receive_type("message")
             assert copy["client_id"] == client_id
             copies.append((copy["id"], copy["seq"], copy["message"]))
         assert copies[0] == copies[1]
-        await here.close()
-        await there.close()
+        await here[0].close()
+        await there[0].close()
     # A fresh socket's backlog: each text once, in order, no gap.
     _, welcome = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
     assert [(m["seq"], m["message"]) for m in welcome["messages"]] == [
@@ -448,6 +454,78 @@ async def test_one_client_id_sent_through_two_workers_at_once_is_stored_once(
     ]
     for server in (one, two):
         assert "Traceback" not in server.output(limit=None)
+
+
+async def test_a_resend_after_a_kill_between_store_and_broadcast_reaches_the_room(
+    daphne_factory, ws_connect, own_redis
+):
+    """The worst moment for a kill: the post is stored, its broadcast has not
+    gone out. The page resends it with its client_id through another worker:
+    one row, the sender gets the original message, and so does the room,
+    which had not heard it (a quiet room has no later seq to show the hole)."""
+    one = daphne_factory(redis_url=own_redis.url)
+    two = daphne_factory(redis_url=own_redis.url, db_path=one.db_path)
+    room = new_room(one)
+    alice = new_account(one.base_url, "alice")
+    bob = new_account(one.base_url, "bob")
+    sender, _ = await ws_connect(one, room, sessionid=alice.sessionid, welcome=True)
+    listener, _ = await ws_connect(two, room, sessionid=bob.sessionid, welcome=True)
+    before = await post(sender, "heard by all")
+    assert (await listener.receive_type("message"))["id"] == before["id"]
+    frame = {"type": "message", "message": "stored, not heard", "client_id": "dies-1"}
+    layer_redis = redis.Redis.from_url(own_redis.url)
+    counted = posts_counted(layer_redis)
+
+    # Held up by the database until Redis takes no more writes, the post is
+    # stored and its broadcast waits: the worker is killed at that moment.
+    holder = sqlite3.connect(one.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        await sender.send(frame)
+        await until(lambda: posts_counted(layer_redis) != counted, timeout=10)
+        assert posts_counted(layer_redis) != counted, "the post never got counted"
+        layer_redis.client_pause(30_000, all=False)  # writes only
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        await until(lambda: stored_ids(one.db_path, "dies-1"), timeout=10)
+        assert stored_ids(one.db_path, "dies-1"), "the post was never stored"
+        one.process.kill()
+        one.process.wait(10)
+    finally:
+        layer_redis.client_unpause()
+    assert await listener.receive_nothing(timeout=1)
+
+    # The page reconnects to the other worker and resends what had no answer.
+    again, welcome = await ws_connect(
+        two,
+        room,
+        sessionid=alice.sessionid,
+        welcome=True,
+        query=f"since={before['seq']}",
+    )
+    (original_id,) = stored_ids(one.db_path, "dies-1")
+    assert [m["id"] for m in welcome["messages"]] == [original_id]
+    acknowledged = await again.post(frame["message"], client_id="dies-1")
+    assert (acknowledged["id"], acknowledged["seq"]) == (original_id, before["seq"] + 1)
+    heard = await listener.receive_type("message")
+    assert (heard["id"], heard["client_id"]) == (original_id, "dies-1")
+    assert stored_ids(one.db_path, "dies-1") == [original_id]
+    assert "Traceback" not in two.output(limit=None)
+
+
+def posts_counted(client: redis.Redis) -> dict[bytes, int]:
+    """The per-user post counters (chat.limits) in the layer's Redis."""
+    return {key: int(client.get(key)) for key in client.keys("*:rate:*")}
+
+
+def stored_ids(db_path: Path, client_id: str) -> list[int]:
+    with sqlite3.connect(db_path) as connection:
+        rows = connection.execute(
+            "SELECT id FROM chat_message WHERE client_id = ?", (client_id,)
+        ).fetchall()
+    return [row[0] for row in rows]
 
 
 # ---------------------------------------------------------------------------
