@@ -234,7 +234,9 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
     by_room: dict[int, list[int]] = {}
     for index, post in enumerate(posts):
         by_room.setdefault(post.room.pk, []).append(index)
-    for room_pk, indexes in by_room.items():
+    # In the order of their ids: two workers' batches that lock the same rooms
+    # in opposite orders would deadlock (on PostgreSQL).
+    for room_pk, indexes in sorted(by_room.items()):
         # The row lock serialises posts to one room, so seq has no holes and a
         # concurrent retry of the same client_id finds the first copy.
         locked = Room.objects.select_for_update().get(pk=room_pk)
