@@ -72,5 +72,10 @@ test-postgres: venv system-packages
 bench: venv system-packages
 	$(PY) -m bench $(BENCH_ARGS)
 
+## soak: the cluster under load, churn and rolling restarts (bench/soak.py, docs/reliability.md); SOAK_ARGS="--clients 200 --seconds 300"
+.PHONY: soak
+soak: venv system-packages
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) staticfiles db.sqlite3
