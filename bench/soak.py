@@ -28,7 +28,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import psycopg
@@ -350,14 +350,7 @@ def main(argv=None) -> int:
         "--restart-seconds", type=float, default=defaults.restart_seconds
     )
     args = parser.parse_args(argv)
-    options = Options(
-        clients=args.clients,
-        rate=args.rate,
-        seconds=args.seconds,
-        workers=args.workers,
-        churn_seconds=args.churn_seconds,
-        restart_seconds=args.restart_seconds,
-    )
+    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
     # A SIGTERM (a timeout, a CI cancel) stops the cluster as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = asyncio.run(run(options, log=lambda line: print(line, file=sys.stderr)))

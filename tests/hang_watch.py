@@ -35,8 +35,10 @@ class HangWatch:
         )
         self._thread.start()
 
-    def begin(self, nodeid: str) -> None:
-        self.nodeid, self.since = nodeid, time.monotonic()
+    def begin(self, nodeid: str, limit: float) -> None:
+        # The watch reads nodeid first: set it last.
+        self.since, self.limit = time.monotonic(), limit
+        self.nodeid = nodeid
 
     def end(self) -> None:
         self.nodeid = None
@@ -106,7 +108,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     # Setup, call and teardown: a hang in a fixture's teardown counts too.
     if _watch is not None:
-        _watch.begin(item.nodeid)
+        # A test that is long on purpose (a soak) says how long it may take.
+        marker = item.get_closest_marker("hang_seconds")
+        _watch.begin(item.nodeid, marker.args[0] if marker else HANG_SECONDS)
     try:
         return (yield)
     finally:

@@ -49,6 +49,8 @@ PLATEAU = {
 }
 
 
+# The soak, its cluster's start and stop, and the settling after the posts.
+@pytest.mark.hang_seconds(SOAK_SECONDS + 600)
 def test_posting_churn_and_rolling_restarts_lose_nothing_and_level_off():
     env = {
         k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
