@@ -168,6 +168,23 @@ def watch_sockets(page: Page) -> list[WebSocket]:
     return opened
 
 
+def watch_closes(page: Page) -> list[int]:
+    """Returns a list of the close codes `page`'s sockets see from now on.
+
+    Read from the page's console (connection.js logs each close): Playwright's
+    own close event carries no code.
+    """
+    codes: list[int] = []
+
+    def on_console(message) -> None:
+        words = message.text.split()
+        if words[:2] == ["socket", "closed"]:
+            codes.append(int(words[2]))
+
+    page.on("console", on_console)
+    return codes
+
+
 def expect_removed(page: Page) -> None:
     """The page was closed with 4403: it says so and schedules no reconnect.
 
@@ -349,14 +366,19 @@ def test_a_user_banned_in_the_admin_is_removed_and_refused_on_reload(
     )
     expect(page_a.locator("#member-count")).to_have_text("1")
 
-    # A reload is refused at the handshake (4403), once, with no retry.
+    # A reload is refused at the handshake (4403), with no retry after it. A
+    # handshake the browser saw dropped (1006: the worker too slow to answer
+    # on a loaded machine) is retried, as any drop is; only the 4403 is final.
     attempts = watch_sockets(page_b)
+    closes = watch_closes(page_b)
     page_b.reload()
     expect_removed(page_b)
     # Another room is not affected by the ban.
     page_other = open_room(browsing, server, bob, elsewhere, context=page_b.context)
     send(page_other, "still welcome here")
     wait_for_texts(page_other, ["still welcome here"])
-    assert len(attempts) == 1, [socket.url for socket in attempts]
+    assert closes[-1:] == [4403], closes
+    assert all(code < 4400 for code in closes[:-1]), closes
+    assert len(attempts) == len(closes), ([s.url for s in attempts], closes)
     assert notices(page_a) == [f"{bob.username} joined", f"{bob.username} left"]
     assert recorded(server, room) == ["ban"]

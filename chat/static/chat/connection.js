@@ -114,6 +114,8 @@ export function createConnection({
       onEvents(Array.isArray(data) ? data : [data], isCurrent);
     });
     ws.addEventListener("close", (event) => {
+      // Kept in the console: the code says why the page did or did not retry.
+      console.info("socket closed", event.code, event.wasClean ? "clean" : "not clean");
       if (!isCurrent()) return;
       const stable = openedAt && Date.now() - openedAt >= STABLE_AFTER_MS;
       const hadWelcome = welcomedSocket;
