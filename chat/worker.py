@@ -9,12 +9,11 @@ import logging
 import weakref
 from typing import Any, Protocol
 
-import redis.asyncio
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from chat import presence
+from chat import presence, sentinel
 from chat.broadcast import LAYER_ERRORS
 from chat.protocol import CLOSE_SERVICE_RESTART
 
@@ -145,33 +144,33 @@ def is_draining() -> bool:
 # ---------------------------------------------------------------------------
 
 
-def redis_urls() -> list[str]:
-    """Returns the Redis servers of the channel layer (empty for in-memory)."""
+def redis_hosts() -> list[dict[str, Any]]:
+    """Returns the channel layer's Redis host entries (empty for in-memory).
+
+    Each has an `address`, or `sentinels` and `master_name` (chat.sentinel).
+    """
     config = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {})
     return [
-        host["address"]
+        host
         for host in config.get("hosts", [])
-        if isinstance(host, dict) and "address" in host
+        if isinstance(host, dict) and ("address" in host or "master_name" in host)
     ]
 
 
 async def redis_run_ids(timeout: float = 2.0) -> tuple[str, ...] | None:
-    """Returns the run_id of every layer Redis (it changes when one restarts).
+    """Returns the run_id of every layer Redis primary (it changes when one
+    restarts, or when Sentinel promotes a replica).
 
     None when one of them does not answer; () for the in-memory layer.
     """
     run_ids = []
-    for url in redis_urls():
-        client = redis.asyncio.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+    for host in redis_hosts():
         try:
-            info: dict[str, Any] = await client.info("server")
-            run_ids.append(str(info.get("run_id", "")))
+            async with sentinel.primary_client(host, timeout) as client:
+                info: dict[str, Any] = await client.info("server")
         except LAYER_ERRORS:
             return None
-        finally:
-            await client.aclose()
+        run_ids.append(str(info.get("run_id", "")))
     return tuple(run_ids)
 
 

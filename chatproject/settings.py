@@ -1,7 +1,8 @@
 """Settings for the chat, all read from the environment with working defaults.
 
 With nothing set it runs on SQLite and the in-memory channel layer; `DATABASE_URL`
-and `REDIS_URL` move it onto PostgreSQL and Redis without a code change.
+and `REDIS_URL` (or `REDIS_SENTINELS`) move it onto PostgreSQL and Redis without
+a code change.
 """
 
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from chat.sentinel import parse_sentinels
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -64,13 +67,59 @@ REDIS_LAYER_BACKENDS = {
 }
 
 
-def channel_layers_from_env(redis_url: str | None) -> dict:
+# How long a question to a sentinel (where is the primary?) may take.
+SENTINEL_TIMEOUT = 2
+
+
+def redis_servers_from_env(
+    redis_url: str | None,
+    sentinels: str | None = None,
+    sentinel_master: str | None = None,
+) -> list[dict]:
+    """Returns one entry per Redis primary, [] for none.
+
+    REDIS_URL: {"address": url} for each comma-separated URL. REDIS_SENTINELS
+    ("host:port,..."): {"sentinels": [...], "master_name": name} for each
+    comma-separated name in REDIS_SENTINEL_MASTER ("mymaster", Sentinel's
+    usual name, unless set); several names shard as several URLs do.
+    """
+    urls = [part.strip() for part in (redis_url or "").split(",") if part.strip()]
+    if not (sentinels or "").strip():
+        return [{"address": url} for url in urls]
+    if urls:
+        raise ImproperlyConfigured("set REDIS_URL or REDIS_SENTINELS, not both")
+    try:
+        addresses = parse_sentinels(sentinels)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"REDIS_SENTINELS: {error}") from None
+    names = [n.strip() for n in (sentinel_master or "mymaster").split(",") if n.strip()]
+    return [
+        {
+            "sentinels": addresses,
+            "master_name": name,
+            "sentinel_kwargs": {
+                "socket_timeout": SENTINEL_TIMEOUT,
+                "socket_connect_timeout": SENTINEL_TIMEOUT,
+            },
+        }
+        for name in names
+    ]
+
+
+def channel_layers_from_env(
+    redis_url: str | None,
+    sentinels: str | None = None,
+    sentinel_master: str | None = None,
+) -> dict:
     """Returns CHANNEL_LAYERS: in-memory without Redis, channels_redis with it.
 
     A comma-separated REDIS_URL shards the layer across several Redis servers;
-    CHAT_REDIS_LAYER picks channels_redis's list-based (core) or pub/sub layer.
+    REDIS_SENTINELS finds the primary through Sentinel instead (channels_redis
+    asks the sentinels on each new connection). CHAT_REDIS_LAYER picks
+    channels_redis's list-based (core) or pub/sub layer.
     """
-    if not redis_url or not redis_url.strip():
+    servers = redis_servers_from_env(redis_url, sentinels, sentinel_master)
+    if not servers:
         return {"default": {"BACKEND": "chat.hub.InMemoryHubLayer"}}
     kind = os.environ.get("CHAT_REDIS_LAYER", "").strip().lower() or "core"
     if kind not in REDIS_LAYER_BACKENDS:
@@ -80,7 +129,7 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
         )
     hosts = [
         {
-            "address": url,
+            **server,
             # redis-py defaults to a 5 s socket timeout, the same as channels_redis's
             # blocking read, which drops idle consumers (channels_redis#422).
             "socket_timeout": env_int("CHAT_REDIS_SOCKET_TIMEOUT", 30),
@@ -88,8 +137,7 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
             # fails group_discard and leaves ghosts in the group.
             "max_connections": env_int("CHAT_REDIS_MAX_CONNECTIONS", 1000),
         }
-        for url in (part.strip() for part in redis_url.split(","))
-        if url
+        for server in servers
     ]
     config: dict = {"hosts": hosts}
     if kind == "core":
@@ -103,18 +151,35 @@ def channel_layers_from_env(redis_url: str | None) -> dict:
     return {"default": {"BACKEND": REDIS_LAYER_BACKENDS[kind], "CONFIG": config}}
 
 
-def caches_from_env(redis_url: str | None) -> dict:
+def caches_from_env(
+    redis_url: str | None,
+    sentinels: str | None = None,
+    sentinel_master: str | None = None,
+) -> dict:
     """Returns CACHES: per-process LocMem without Redis, the first Redis with it."""
-    urls = [part.strip() for part in (redis_url or "").split(",") if part.strip()]
-    if not urls:
+    servers = redis_servers_from_env(redis_url, sentinels, sentinel_master)
+    if not servers:
         return {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    first = servers[0]
+    # A rate-limit check must not hang a request while Redis is away.
+    options: dict = {"socket_connect_timeout": 2, "socket_timeout": 2}
+    if "address" in first:
+        location = first["address"]
+    else:
+        # Django wants a LOCATION; the pool finds the primary from the rest.
+        location = f"sentinel:{first['master_name']}"
+        options.update(
+            pool_class="chat.sentinel.CachePool",
+            sentinels=first["sentinels"],
+            master_name=first["master_name"],
+            sentinel_kwargs=first["sentinel_kwargs"],
+        )
     return {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": urls[0],
+            "LOCATION": location,
             "KEY_PREFIX": "chat",
-            # A rate-limit check must not hang a request while Redis is away.
-            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+            "OPTIONS": options,
         }
     }
 
@@ -241,12 +306,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer
 # ---------------------------------------------------------------------------
 
-CHANNEL_LAYERS = channel_layers_from_env(os.environ.get("REDIS_URL"))
+REDIS_ENV = (
+    os.environ.get("REDIS_URL"),
+    os.environ.get("REDIS_SENTINELS"),
+    os.environ.get("REDIS_SENTINEL_MASTER"),
+)
+CHANNEL_LAYERS = channel_layers_from_env(*REDIS_ENV)
 
 # The HTTP API's per-token rate counters live in the cache. LocMem is per
 # process, right for one worker; with Redis every worker must count together,
 # so the cache lives on the first Redis server.
-CACHES = caches_from_env(os.environ.get("REDIS_URL"))
+CACHES = caches_from_env(*REDIS_ENV)
 
 # ---------------------------------------------------------------------------
 # Auth

@@ -1,10 +1,14 @@
-"""Channel layer and cache configuration from REDIS_URL (no Redis needed)."""
+"""Channel layer and cache configuration from REDIS_URL or REDIS_SENTINELS (no
+Redis needed)."""
 
 from __future__ import annotations
 
 import pytest
+import redis.asyncio.sentinel
+import redis.sentinel
 from channels_redis.core import RedisChannelLayer
 from channels_redis.utils import create_pool, decode_hosts
+from django.core.cache.backends.redis import RedisCacheClient
 from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.settings import caches_from_env, channel_layers_from_env, env_float
@@ -113,6 +117,76 @@ def test_the_cache_follows_redis_url():
     cache = caches_from_env("redis://a:6379/0, redis://b:6379/0")["default"]
     assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
     assert cache["LOCATION"] == "redis://a:6379/0"
+
+
+SENTINELS = "10.0.0.1:26379, 10.0.0.2:26380,[::1]:26381"
+
+
+def test_sentinels_find_the_primary_by_its_name_with_the_same_pool_settings():
+    layers = channel_layers_from_env(None, SENTINELS, "chat")
+    assert layers["default"]["BACKEND"] == "chat.hub.RedisHubLayer"
+    (host,) = layers["default"]["CONFIG"]["hosts"]
+    assert host["sentinels"] == [
+        ("10.0.0.1", 26379),
+        ("10.0.0.2", 26380),
+        ("::1", 26381),
+    ]
+    assert host["master_name"] == "chat"
+    assert host["socket_timeout"] > 5 and host["max_connections"] > 100
+    # A sentinel that does not answer is skipped quickly, not after 30 s.
+    assert host["sentinel_kwargs"]["socket_timeout"] <= 5
+
+
+def test_sentinel_master_name_defaults_to_sentinels_usual_one():
+    (host,) = channel_layers_from_env(None, SENTINELS)["default"]["CONFIG"]["hosts"]
+    assert host["master_name"] == "mymaster"
+
+
+def test_several_sentinel_master_names_shard_the_layer():
+    hosts = channel_layers_from_env(None, SENTINELS, "chat-a, chat-b")["default"][
+        "CONFIG"
+    ]["hosts"]
+    assert [host["master_name"] for host in hosts] == ["chat-a", "chat-b"]
+
+
+def test_channels_redis_builds_sentinel_pools_from_these_settings():
+    config = channel_layers_from_env(None, SENTINELS, "chat")["default"]["CONFIG"]
+    layer = RedisChannelLayer(**config)
+    pool = layer.create_pool(0)
+    assert isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool)
+    assert pool.service_name == "chat"
+    assert pool.connection_kwargs["socket_timeout"] > 5
+    assert pool.max_connections > 100
+
+
+@pytest.mark.parametrize(
+    "sentinels", ["10.0.0.1", "10.0.0.1:port", ":26379", " , ", "a:1,b"]
+)
+def test_a_malformed_sentinel_list_fails_loudly(sentinels):
+    with pytest.raises(ImproperlyConfigured, match="REDIS_SENTINELS"):
+        channel_layers_from_env(None, sentinels)
+
+
+def test_redis_url_and_sentinels_together_fail_loudly():
+    with pytest.raises(ImproperlyConfigured, match="not both"):
+        channel_layers_from_env("redis://a:6379/0", SENTINELS)
+    with pytest.raises(ImproperlyConfigured, match="not both"):
+        caches_from_env("redis://a:6379/0", SENTINELS)
+
+
+def test_the_cache_asks_the_sentinels_too():
+    cache = caches_from_env(None, SENTINELS, "chat")["default"]
+    assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    # Django's own client builds the pool (no connection is made yet).
+    client = RedisCacheClient([cache["LOCATION"]], **cache["OPTIONS"])
+    pool = client._get_connection_pool(write=True)
+    assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+    assert pool.service_name == "chat"
+    assert pool.connection_kwargs["socket_timeout"] == 2
+    assert [
+        sentinel.connection_pool.connection_kwargs["port"]
+        for sentinel in pool.sentinel_manager.sentinels
+    ] == [26379, 26380, 26381]
 
 
 def test_a_number_setting_takes_fractions_and_has_its_default(monkeypatch):
