@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 3
+# SENTINEL=1: `make cluster` runs Redis as a primary, a replica and three sentinels.
+SENTINEL ?=
 # apt-get needs root; use sudo when we are not.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Debian packages the tests start for real: command to look for, package name.
-SYSTEM_PACKAGES := redis-server:redis-server initdb:postgresql chromium:chromium nginx:nginx
+SYSTEM_PACKAGES := redis-server:redis-server redis-sentinel:redis-sentinel initdb:postgresql chromium:chromium nginx:nginx
 
 .PHONY: venv run cluster lint unit test test-postgres system-packages clean
 
@@ -28,11 +30,11 @@ run: venv
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) -m chatproject.server -b $(HOST) -p $(PORT) chatproject.asgi:application
 
-## cluster: nginx on $(HOST):$(PORT) in front of $(WORKERS) workers (next ports), Redis, PostgreSQL
+## cluster: nginx on $(HOST):$(PORT) in front of $(WORKERS) workers (next ports), Redis, PostgreSQL; SENTINEL=1 for Redis under Sentinel
 cluster: venv system-packages
-	$(PY) bin/cluster --workers $(WORKERS) --host $(HOST) --port $(PORT)
+	$(PY) bin/cluster --workers $(WORKERS) --host $(HOST) --port $(PORT) $(if $(SENTINEL),--sentinel)
 
-## system-packages: install what the tests start (redis-server, PostgreSQL, Chromium, nginx)
+## system-packages: install what the tests start (redis-server, redis-sentinel, PostgreSQL, Chromium, nginx)
 system-packages:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do \

@@ -30,6 +30,7 @@ from harness.processes import (
     HarnessError,
     Nginx,
     PostgresServer,
+    RedisSentinel,
     RedisServer,
     free_port,
     http_get,
@@ -46,7 +47,16 @@ DRAIN_SECONDS = 10
 # refused connect costs nothing, and a restarted worker is back in use at once.
 UPSTREAM_OPTIONS = "max_fails=1 fail_timeout=2s"
 # Django settings of the cluster that the caller's environment must not change.
-CLUSTER_VARIABLES = ("DATABASE_URL", "REDIS_URL", "DJANGO_TEST_SQLITE")
+CLUSTER_VARIABLES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
+    "DJANGO_TEST_SQLITE",
+)
+# The name the sentinels know the primary by (REDIS_SENTINEL_MASTER).
+SENTINEL_MASTER = "chat"
+SENTINELS = 3
 
 
 class ClusterError(HarnessError):
@@ -161,7 +171,9 @@ class Cluster:
     `env` is added to the workers' environment (e.g. CHAT_WORKER_LEASE_SECONDS).
     `worker_command` runs the workers: the launcher, or harness.processes'
     PLAIN_DAPHNE (`daphne chatproject.asgi:application` as the Channels guides
-    show it).
+    show it). With `sentinel`, Redis is a primary (redis[0]) and a replica
+    (redis[1]) watched by three sentinels, and the workers find the primary
+    through them (REDIS_SENTINELS) instead of REDIS_URL.
     """
 
     def __init__(
@@ -172,9 +184,12 @@ class Cluster:
         port: int = 0,
         worker_ports: Sequence[int] | None = None,
         redis_servers: int = 1,
+        sentinel: bool = False,
         env: Mapping[str, str] | None = None,
         worker_command: Sequence[str] = LAUNCHER,
     ) -> None:
+        if sentinel and redis_servers != 1:
+            raise ClusterError("a Sentinel cluster has one primary (and its replica)")
         self.worker_command = list(worker_command)
         self.workdir = Path(tempfile.mkdtemp(prefix="chat-cluster-"))
         # nginx's worker processes run as `nobody` when started by root; they
@@ -191,6 +206,25 @@ class Cluster:
             RedisServer(self.workdir / f"redis-{index}", group=True)
             for index in range(redis_servers)
         ]
+        self.sentinels: list[RedisSentinel] = []
+        if sentinel:
+            primary = self.redis[0]
+            self.redis.append(
+                RedisServer(
+                    self.workdir / "redis-replica",
+                    options=["--replicaof", "127.0.0.1", str(primary.port)],
+                    group=True,
+                )
+            )
+            self.sentinels = [
+                RedisSentinel(
+                    self.workdir / f"sentinel-{index}",
+                    primary.port,
+                    master_name=SENTINEL_MASTER,
+                    group=True,
+                )
+                for index in range(SENTINELS)
+            ]
         self.postgres = PostgresServer(self.workdir / "postgres")
         self.workers: list[Worker] = []
         # Workers started by start_worker(): not behind nginx.
@@ -211,8 +245,27 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
-        # Several servers: the channel layer shards its groups across them.
+        """The layer's Redis: the primary as Sentinel now names it, or every
+        server (the channel layer shards its groups across several)."""
+        if self.sentinels:
+            primary = self.redis_primary()
+            if primary is None:
+                raise ClusterError("the sentinels do not agree on a primary")
+            return f"redis://{primary}/0"
         return ",".join(server.url for server in self.redis)
+
+    @property
+    def sentinel_addresses(self) -> str:
+        return ",".join(sentinel.address for sentinel in self.sentinels)
+
+    def redis_primary(self) -> str | None:
+        """Returns "host:port" of the primary every sentinel names, else None
+        (during a failover they may disagree, or not answer)."""
+        answers = {sentinel.primary() for sentinel in self.sentinels}
+        if len(answers) != 1 or None in answers:
+            return None
+        host, port = answers.pop()
+        return f"{host}:{port}"
 
     @property
     def database_url(self) -> str:
@@ -233,10 +286,14 @@ class Cluster:
                 "DJANGO_ALLOWED_HOSTS": ",".join(dict.fromkeys(hosts)),
                 "DJANGO_STATIC_ROOT": str(self.static_root),
                 "DATABASE_URL": self.database_url,
-                "REDIS_URL": self.redis_url,
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.sentinels:
+            env["REDIS_SENTINELS"] = self.sentinel_addresses
+            env["REDIS_SENTINEL_MASTER"] = SENTINEL_MASTER
+        else:
+            env["REDIS_URL"] = self.redis_url
         env.setdefault("CHAT_DRAIN_SECONDS", str(DRAIN_SECONDS))
         env.update(self.extra_env)
         return env
@@ -254,6 +311,7 @@ class Cluster:
                 raise ClusterError(f"port(s) already in use: {', '.join(busy)}")
             for server in self.redis:
                 server.start()
+            start_all(self.sentinels)
             self.postgres.start()
             self.env = self.worker_env()
             self.manage("migrate", "--noinput", "-v0")
@@ -292,6 +350,8 @@ class Cluster:
         if self.nginx is not None:
             # SIGTERM is nginx's fast shutdown; SIGQUIT would wait for every socket.
             self.nginx.stop(signal.SIGTERM)
+        for sentinel in self.sentinels:
+            sentinel.stop()
         for server in self.redis:
             server.stop()
         self.postgres.stop()
@@ -342,10 +402,18 @@ class Cluster:
 
     def logs(self) -> dict[str, str]:
         """Returns the end of each process's log, for a failure report."""
-        processes: list[Child] = [*self.workers, *self.extra_workers, *self.redis]
+        processes: list[Child] = [
+            *self.workers,
+            *self.extra_workers,
+            *self.redis,
+            *self.sentinels,
+        ]
         if self.nginx is not None:
             processes.append(self.nginx)
-        logs = {f"{p.name} ({p.log_path.name})": p.output(4000) for p in processes}
+        logs = {
+            f"{p.name} ({p.log_path.parent.name}/{p.log_path.name})": p.output(4000)
+            for p in processes
+        }
         logs["postgres"] = self.postgres.output(4000)
         return logs
 
@@ -376,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=8000,
         help="nginx's port (8000); workers use the next ones",
     )
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="Redis as a primary, a replica and three sentinels (redis-sentinel)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -388,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         worker_ports=range(args.port + 1, args.port + 1 + args.workers),
+        sentinel=args.sentinel,
     )
     try:
         print(
@@ -426,7 +500,7 @@ The chat: {cluster.url}/  (nginx -> {len(cluster.workers)} worker(s), Redis, Pos
 
   workers:
 {workers}
-  redis:    {cluster.redis_url}
+  redis:    {redis_line(cluster)}
   database: {cluster.database_url}
   nginx:    {cluster.nginx.conf}
   logs:     {cluster.log_dir}, {cluster.nginx.prefix / "logs"}
@@ -438,12 +512,22 @@ Ctrl-C stops everything (and throws the database away).
 """
 
 
+def redis_line(cluster: Cluster) -> str:
+    if not cluster.sentinels:
+        return cluster.redis_url
+    return (
+        f"primary {cluster.redis_url}, replica {cluster.redis[1].url}, "
+        f"sentinels {cluster.sentinel_addresses} "
+        f"(REDIS_SENTINEL_MASTER={SENTINEL_MASTER})"
+    )
+
+
 def watch(cluster: Cluster) -> None:
     """Waits for Ctrl-C, saying once when a process of the cluster dies."""
     reported: set[int] = set()
     while True:
         time.sleep(1)
-        processes: list[Child] = [*cluster.workers, *cluster.redis]
+        processes: list[Child] = [*cluster.workers, *cluster.redis, *cluster.sentinels]
         if cluster.nginx is not None:
             processes.append(cluster.nginx)
         for process in processes:

@@ -430,6 +430,83 @@ class RedisServer(Child):
             self._temporary = None
 
 
+class RedisSentinel(Child):
+    """A redis-sentinel (Debian's redis-sentinel) on a loopback port, watching
+    the primary at `primary_port` under the name `master_name`.
+
+    Quick to judge, for tests and `make cluster --sentinel`: a primary that
+    does not answer for `down_after_ms` is down once `quorum` sentinels agree,
+    and they promote a replica. Sentinel rewrites its config file as it learns
+    the replicas and the other sentinels, so a restart keeps what it knew.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        primary_port: int,
+        *,
+        master_name: str,
+        port: int | None = None,
+        quorum: int = 2,
+        down_after_ms: int = 2000,
+        group: bool = False,
+        registry: Children | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        super().__init__(
+            "redis-sentinel",
+            self.folder / "sentinel.log",
+            group=group,
+            registry=registry,
+        )
+        self.binary = find_binary("redis-sentinel")
+        self.port = port or free_port()
+        self.primary_port = primary_port
+        self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def launch(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "sentinel.conf"
+        if not config.exists():
+            name, primary = self.master_name, f"{LOOPBACK} {self.primary_port}"
+            config.write_text(
+                f"port {self.port}\n"
+                f"bind {LOOPBACK}\n"
+                f"dir {self.folder}\n"
+                f"sentinel monitor {name} {primary} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+                # A failover that stalls is tried again after twice this.
+                f"sentinel failover-timeout {name} 10000\n"
+                f"sentinel parallel-syncs {name} 1\n"
+            )
+        self.spawn([self.binary, str(config)])
+
+    def ready(self) -> bool:
+        return self.primary() is not None
+
+    def primary(self) -> tuple[str, int] | None:
+        """Returns the address this sentinel gives for the primary, or None."""
+        name = self.master_name.encode()
+        command = b"*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n"
+        command += b"$%d\r\n%s\r\n" % (len(name), name)
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as conn:
+                conn.sendall(command)
+                reply = conn.recv(256).split(b"\r\n")
+        except OSError:
+            return None
+        # *2 $len host $len port
+        if not reply or reply[0] != b"*2" or len(reply) < 5:
+            return None
+        return reply[2].decode(), int(reply[4])
+
+
 class Daphne(Child):
     """A worker of the project: daphne on a loopback port (a free one unless given).
 

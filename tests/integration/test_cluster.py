@@ -12,6 +12,8 @@ import asyncio
 import json
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -23,7 +25,7 @@ import redis
 from channels_redis.utils import _consistent_hash
 
 from deploy.cluster import Cluster
-from harness.client import ChatPage
+from harness.client import ChatPage, ChatSocket
 from harness.processes import PLAIN_DAPHNE, http_get
 from tests.integration.conftest import SETUP_SCRIPT, HttpSession, unique_name
 
@@ -608,6 +610,137 @@ async def test_worker_started_while_redis_is_down_is_unready_until_it_is_back(
         cluster=cluster,
     )
     assert http_get(f"{cluster.url}/readyz")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# Redis under Sentinel
+# ---------------------------------------------------------------------------
+
+
+def api_post(
+    base_url: str, token: str, path: str, data: dict[str, Any]
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POSTs to the API at `base_url`; returns (status, headers, JSON body)."""
+    request = urllib.request.Request(
+        f"{base_url}/api/{path}",
+        method="POST",
+        data=json.dumps(data).encode(),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+        },
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=TIMEOUT) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), json.loads(error.read())
+
+
+def rate_counts(server) -> dict[bytes, int]:
+    """The API's rate counters (chat.tokens) held by one Redis server."""
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        return {key: int(client.get(key)) for key in client.keys("*api-rate*")}
+    finally:
+        client.close()
+
+
+async def test_sentinel_failover_moves_the_layer_and_the_cache_to_the_new_primary(
+    clients,
+):
+    with Cluster(workers=2, sentinel=True, env=CLUSTER_ENV) as cluster:
+        room = unique_name("failover")
+        users = make_users(cluster, 7, rooms=[room])
+        names = list(users)
+        newcomer_name, newcomer_session = users.popitem()
+        group = await clients(cluster, room, users)
+        assert len(set(worker_of(cluster, room).values())) == 2
+        token = cluster.manage(
+            "create_api_token", "--owner", names[0], "--name", "failover",
+            "--publish", "--push",
+        ).stdout.strip()  # fmt: skip
+        path = f"rooms/{room}/messages/"
+        publish = partial(api_post, cluster.url, token, path)
+        push = partial(api_post, cluster.url, token, f"users/{names[0]}/push/")
+        # Each worker's cache pool is made now, while the first primary serves.
+        for index, worker in enumerate(cluster.workers):
+            body = {"message": f"by the API {index}", "client_id": f"api-{index}"}
+            assert api_post(worker.base_url, token, path, body)[0] == 201
+        count = 2 + await post_from(group, "before")
+        await wait_all_have(cluster, group, count)
+        # A socket that does not reconnect, to see what the server tells it.
+        watcher = await ChatSocket.open(
+            cluster.workers[0].base_url, room, sessionid=users[names[1]]
+        )
+        await watcher.receive_type("welcome")
+        pids = [worker.pid for worker in cluster.workers]
+        old, replica = cluster.redis
+        assert cluster.redis_primary() == f"127.0.0.1:{old.port}"
+
+        old.kill()
+        killed = time.monotonic()
+        # The primary is gone and not yet replaced: no fake acknowledgement.
+        code, frames = await watcher.receive_close(TIMEOUT)
+        assert code == 1013, (code, frames)
+        assert [f.get("code") for f in frames if f["type"] == "error"] == [
+            "unavailable"
+        ], frames
+        assert http_get(f"{cluster.workers[0].base_url}/readyz")[0] == 503
+        # A publish is stored, and reaches the pages when they resume.
+        status, _, body = publish({"message": "while none", "client_id": "api-none"})
+        assert status == 201, body
+        # The pages post on: each is resent until the room echoes it.
+        count += 1 + await post_from(group, "during the failover")
+
+        await eventually(
+            lambda: cluster.redis_primary() == f"127.0.0.1:{replica.port}",
+            what="the sentinels promoted the replica",
+            cluster=cluster,
+        )
+        await eventually(
+            lambda: all(
+                http_get(f"{worker.base_url}/readyz")[0] == 200
+                for worker in cluster.workers
+            ),
+            what="every worker ready on the new primary",
+            cluster=cluster,
+        )
+        # Every socket hears the room again, a new one too, and the cache (the
+        # API's rate counters) answers from the new primary.
+        [newcomer] = await clients(cluster, room, {newcomer_name: newcomer_session})
+        await newcomer.post("after the failover")
+        for index, worker in enumerate(cluster.workers):
+            counted = sum(rate_counts(replica).values())
+            body = {"message": f"again {index}", "client_id": f"api-again-{index}"}
+            assert api_post(worker.base_url, token, path, body)[0] == 201
+            assert sum(rate_counts(replica).values()) > counted, worker.name
+        count += 3
+        everyone = [*group, newcomer]
+        await wait_all_have(cluster, everyone, count)
+        recovered = time.monotonic() - killed
+        status, _, body = push({"event": "new.primary"})
+        assert (status, body["sockets"]) == (202, 1), body
+        await eventually(
+            lambda: (
+                [f["event"] for f in group[0].frames if f["type"] == "push"]
+                == ["new.primary"]
+            ),
+            what="the push reached its user's page",
+            cluster=cluster,
+        )
+        assert_same_messages(everyone, count)
+        stored = stored_bodies(cluster, room)
+        assert [seq for seq, _ in stored] == list(range(1, count + 1))
+        assert len({body for _, body in stored}) == count, "a post stored twice"
+        assert not any(client.unacked for client in everyone)
+        for client in group:
+            # 1013 while no primary answered; 1012 when a worker saw the new one.
+            assert client.closes and set(client.closes) <= {1012, 1013}, client.closes
+        assert [worker.pid for worker in cluster.workers] == pids
+        print(f"every socket receiving {recovered:.1f} s after the primary was killed")
 
 
 # ---------------------------------------------------------------------------
