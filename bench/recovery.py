@@ -19,6 +19,7 @@ import sys
 import time
 
 import psycopg
+import redis
 
 from bench import accounts
 from deploy.cluster import Cluster
@@ -94,6 +95,40 @@ async def redis_hangs(cluster: Cluster, pages) -> float:
     return await probe_everywhere(pages, pages[0], f"after hang {time.time()}")
 
 
+async def primary_killed(cluster: Cluster, pages) -> float:
+    """Under Sentinel, the primary is killed (SIGKILL); timed from the kill
+    until a probe posted at that moment (sent once a socket takes it) has
+    reached every page. The killed server then comes back as the replica."""
+    primary = cluster.redis_primary()
+    [server] = [r for r in cluster.redis if primary == f"127.0.0.1:{r.port}"]
+    started = time.monotonic()
+    server.kill()
+    took = await probe_everywhere(pages, pages[0], f"after failover {started}")
+    await asyncio.to_thread(server.start)
+    # Ready for the next round once the sentinels agree on the new primary and
+    # it has the old one back as its replica.
+    while not replica_in_sync(cluster):
+        await asyncio.sleep(0.2)
+    return took
+
+
+def replica_in_sync(cluster: Cluster) -> bool:
+    primary = cluster.redis_primary()
+    if primary is None:
+        return False
+    host, port = primary.split(":")
+    client = redis.Redis(host=host, port=int(port))
+    try:
+        info = client.info("replication")
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    return info.get("connected_slaves") == 1 and info["slave0"]["state"] == "online"
+
+
+SENTINEL_FAULT = "Redis primary killed under Sentinel (failover), from the kill"
+
 FAULTS = {
     "a worker killed (SIGKILL), from the signal": lambda c, p: worker_goes(
         c, p, 0, signal.SIGKILL
@@ -113,9 +148,12 @@ def prepare(cluster: Cluster) -> list[str]:
     return accounts.create_users(PAGES, prefix="recovery")
 
 
-async def measure(rounds: int) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {name: [] for name in FAULTS}
-    with Cluster(workers=3, env=ENV) as cluster:
+async def measure(rounds: int, sentinel: bool) -> dict[str, list[float]]:
+    # A failover needs the Redis of `make cluster SENTINEL=1`; the other faults
+    # would be failovers there too.
+    faults = {SENTINEL_FAULT: primary_killed} if sentinel else FAULTS
+    figures: dict[str, list[float]] = {name: [] for name in faults}
+    with Cluster(workers=3, env=ENV, sentinel=sentinel) as cluster:
         sessions = await asyncio.to_thread(prepare, cluster)
         pages = [
             ChatPage(cluster.url, "recovery", f"recovery{n}", session)
@@ -126,7 +164,7 @@ async def measure(rounds: int) -> dict[str, list[float]]:
         try:
             await probe_everywhere(pages, pages[0], "warm-up")
             for round_ in range(rounds):
-                for name, fault in FAULTS.items():
+                for name, fault in faults.items():
                     took = await fault(cluster, pages)
                     figures[name].append(took)
                     print(f"round {round_ + 1}: {name}: {took:.2f} s", file=sys.stderr)
@@ -139,8 +177,13 @@ async def measure(rounds: int) -> dict[str, list[float]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.recovery")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each fault")
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="Redis under Sentinel, and the primary killed: the failover alone",
+    )
     args = parser.parse_args(argv)
-    figures = asyncio.run(measure(args.rounds))
+    figures = asyncio.run(measure(args.rounds, args.sentinel))
     print(f"| fault ({PAGES} pages through nginx, 3 workers) | median s | runs s |")
     print("|---|---|---|")
     for name, runs in figures.items():
