@@ -554,31 +554,65 @@ async def test_redis_restart_under_plain_daphne_leaves_no_deaf_socket(
 
 
 async def redis_restart_resumes(cluster: Cluster, clients) -> None:
-    room = unique_name("redis")
-    users = make_users(cluster, 7, rooms=[room])
+    """Redis loses everything (SHUTDOWN NOSAVE) and is back 3 s later on its
+    port: every socket of two rooms, on every worker, hears its room again."""
+    rooms = [unique_name("redis"), unique_name("redis")]
+    users = make_users(cluster, 9, rooms=rooms)
     newcomer_name, newcomer_session = users.popitem()
-    group = await clients(cluster, room, users)
+    names = list(users)
+    groups = {
+        room: await clients(cluster, room, {n: users[n] for n in names[i::2]})
+        for i, room in enumerate(rooms)
+    }
+    everyone = [client for group in groups.values() for client in group]
     pids = [worker.pid for worker in cluster.workers]
-    count = await post_from(group, "before")
-    await wait_all_have(cluster, group, count)
+    counts = {room: await post_from(group, "before") for room, group in groups.items()}
+    for room, group in groups.items():
+        await wait_all_have(cluster, group, counts[room])
+    # A socket that does not reconnect, to see what the server tells it.
+    watcher = await ChatSocket.open(
+        cluster.workers[0].base_url, rooms[0], sessionid=users[names[0]]
+    )
+    await watcher.receive_type("welcome")
 
-    cluster.redis[0].stop()
+    server = cluster.redis[0]
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        client.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # the server closed the connection as it exited
+    finally:
+        client.close()
+    await asyncio.to_thread(server.wait, TIMEOUT)
+    code, frames = await watcher.receive_close(TIMEOUT)
+    assert code == 1013, (code, frames)
+    assert [f.get("code") for f in frames if f["type"] == "error"] == ["unavailable"], (
+        frames
+    )
     await eventually(
-        lambda: all(c.closes for c in group),
+        lambda: all(c.closes for c in everyone),
         what="every socket closed when Redis went away",
         cluster=cluster,
     )
-    cluster.redis[0].start()
+    # Posted while Redis is away: kept by the pages and resent once they resume.
+    for room, group in groups.items():
+        counts[room] += await post_from(group, "during the outage")
+    await asyncio.sleep(3)
+    server.start()
 
-    count += await post_from(group, "after the restart")
-    await wait_all_have(cluster, group, count)
-    [newcomer] = await clients(cluster, room, {newcomer_name: newcomer_session})
+    for room, group in groups.items():
+        counts[room] += await post_from(group, "after the restart")
+    [newcomer] = await clients(cluster, rooms[0], {newcomer_name: newcomer_session})
     await newcomer.post("a new socket")
-    count += 1
-    await wait_all_have(cluster, [*group, newcomer], count)
-    assert_same_messages([*group, newcomer], count)
+    counts[rooms[0]] += 1
+    groups[rooms[0]].append(newcomer)
+    for room, group in groups.items():
+        await wait_all_have(cluster, group, counts[room])
+        assert_same_messages(group, counts[room])
+        stored = stored_bodies(cluster, room)
+        assert [seq for seq, _ in stored] == list(range(1, counts[room] + 1))
 
-    for client in group:
+    for client in everyone:
         # 1013 while Redis was away; 1012 when a worker saw it come back empty.
         assert client.closes and set(client.closes) <= {1012, 1013}, client.closes
     assert [worker.pid for worker in cluster.workers] == pids
