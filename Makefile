@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 3
-# SENTINEL=1: `make cluster` runs Redis as a primary, a replica and three sentinels.
+# SENTINEL=1 (or yes, true): `make cluster` runs Redis as a primary, a replica
+# and three sentinels.
 SENTINEL ?=
 # apt-get needs root; use sudo when we are not.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
@@ -32,7 +33,7 @@ run: venv
 
 ## cluster: nginx on $(HOST):$(PORT) in front of $(WORKERS) workers (next ports), Redis, PostgreSQL; SENTINEL=1 for Redis under Sentinel
 cluster: venv system-packages
-	$(PY) bin/cluster --workers $(WORKERS) --host $(HOST) --port $(PORT) $(if $(SENTINEL),--sentinel)
+	$(PY) bin/cluster --workers $(WORKERS) --host $(HOST) --port $(PORT) $(if $(filter 1 yes true,$(SENTINEL)),--sentinel)
 
 ## system-packages: install what the tests start (redis-server, redis-sentinel, PostgreSQL, Chromium, nginx)
 system-packages:

@@ -164,7 +164,7 @@ class SharedRateLimit:
 
 class CacheWindowCounts:
     """Window counts in Django's cache, for a channel layer with no counter of
-    its own (channels_redis's pub/sub layer): with REDIS_URL the cache is the
+    its own (channels_redis's pub/sub layer): with Redis the cache is the
     first Redis server, which every worker shares. Three round trips, on a
     thread, where the hub's layers take one."""
 

@@ -1,11 +1,6 @@
-"""Redis behind Sentinel: the primary is found by asking the sentinels, again on
-every new connection, so the chat follows a failover (docs/operations.md).
-
-channels_redis builds its own Sentinel pools from a host entry with
-`sentinels` and `master_name`; Django's Redis cache builds a pool with
-`pool_class.from_url(LOCATION, **OPTIONS)`, which is what `CachePool` gives it.
-`primary_client` is for the worker's own checks (the primary's run_id).
-"""
+"""Redis behind Sentinel: each new connection asks the sentinels for the
+primary, so the chat follows a failover (docs/operations.md). channels_redis
+builds its own Sentinel pools; these are for Django's cache and the worker."""
 
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ def parse_sentinels(value: str) -> list[Address]:
     return sentinels
 
 
-class CachePool(redis.sentinel.SentinelConnectionPool):
+class SentinelCachePool(redis.sentinel.SentinelConnectionPool):
     """A connection pool for Django's RedisCache that asks the sentinels.
 
     CACHES' OPTIONS carry `sentinels`, `master_name` and `sentinel_kwargs`;
@@ -51,7 +46,7 @@ class CachePool(redis.sentinel.SentinelConnectionPool):
         master_name: str,
         sentinel_kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> CachePool:
+    ) -> SentinelCachePool:
         manager = redis.sentinel.Sentinel(
             [tuple(address) for address in sentinels], sentinel_kwargs=sentinel_kwargs
         )
@@ -76,14 +71,13 @@ async def primary_client(
         finally:
             await client.aclose()
         return
-    manager = redis.asyncio.sentinel.Sentinel(
+    sentinels = redis.asyncio.sentinel.Sentinel(
         [tuple(address) for address in host["sentinels"]],
         sentinel_kwargs={**options, **(host.get("sentinel_kwargs") or {})},
     )
-    client = manager.master_for(host["master_name"], **options)
+    client = sentinels.master_for(host["master_name"], **options)
     try:
         yield client
     finally:
         await client.aclose()
-        for sentinel in manager.sentinels:
-            await sentinel.aclose()
+        await sentinels.aclose()

@@ -67,8 +67,10 @@ REDIS_LAYER_BACKENDS = {
 }
 
 
-# How long a question to a sentinel (where is the primary?) may take.
-SENTINEL_TIMEOUT = 2
+# How long a question to a sentinel (where is the primary?) may take before
+# the next sentinel is asked. Asked once: redis-py's clients otherwise retry
+# ten times with backoff, which makes one dead sentinel cost seconds.
+SENTINEL_OPTIONS = {"socket_timeout": 2, "socket_connect_timeout": 2, "retry": None}
 
 
 def redis_servers_from_env(
@@ -85,6 +87,8 @@ def redis_servers_from_env(
     """
     urls = [part.strip() for part in (redis_url or "").split(",") if part.strip()]
     if not (sentinels or "").strip():
+        if (sentinel_master or "").strip():
+            raise ImproperlyConfigured("REDIS_SENTINEL_MASTER needs REDIS_SENTINELS")
         return [{"address": url} for url in urls]
     if urls:
         raise ImproperlyConfigured("set REDIS_URL or REDIS_SENTINELS, not both")
@@ -97,10 +101,7 @@ def redis_servers_from_env(
         {
             "sentinels": addresses,
             "master_name": name,
-            "sentinel_kwargs": {
-                "socket_timeout": SENTINEL_TIMEOUT,
-                "socket_connect_timeout": SENTINEL_TIMEOUT,
-            },
+            "sentinel_kwargs": dict(SENTINEL_OPTIONS),
         }
         for name in names
     ]
@@ -169,7 +170,7 @@ def caches_from_env(
         # Django wants a LOCATION; the pool finds the primary from the rest.
         location = f"sentinel:{first['master_name']}"
         options.update(
-            pool_class="chat.sentinel.CachePool",
+            pool_class="chat.sentinel.SentinelCachePool",
             sentinels=first["sentinels"],
             master_name=first["master_name"],
             sentinel_kwargs=first["sentinel_kwargs"],

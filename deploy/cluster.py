@@ -312,6 +312,10 @@ class Cluster:
             for server in self.redis:
                 server.start()
             start_all(self.sentinels)
+            for sentinel in self.sentinels:
+                sentinel.wait_ready(
+                    check=lambda s=sentinel: s.knows_everyone(1, SENTINELS - 1)
+                )
             self.postgres.start()
             self.env = self.worker_env()
             self.manage("migrate", "--noinput", "-v0")

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -492,19 +493,50 @@ class RedisSentinel(Child):
 
     def primary(self) -> tuple[str, int] | None:
         """Returns the address this sentinel gives for the primary, or None."""
-        name = self.master_name.encode()
-        command = b"*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n"
-        command += b"$%d\r\n%s\r\n" % (len(name), name)
+        reply = self.ask("get-master-addr-by-name", self.master_name)
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None
+        return reply[0], int(reply[1])
+
+    def knows_everyone(self, replicas: int, sentinels: int) -> bool:
+        """True once it has found `replicas` replicas and `sentinels` other
+        sentinels: before that, a primary killed would not be failed over."""
+        reply = self.ask("master", self.master_name)
+        if not isinstance(reply, list):
+            return False
+        fields = dict(zip(reply[::2], reply[1::2], strict=False))
+        return (fields.get("num-slaves"), fields.get("num-other-sentinels")) == (
+            str(replicas),
+            str(sentinels),
+        )
+
+    def ask(self, *args: str) -> Any:
+        """Sends `SENTINEL args` and returns the reply (lists and strings), or
+        None when it does not answer."""
+        words = [b"SENTINEL", *(arg.encode() for arg in args)]
+        command = b"*%d\r\n" % len(words)
+        command += b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
         try:
             with socket.create_connection((LOOPBACK, self.port), timeout=1) as conn:
                 conn.sendall(command)
-                reply = conn.recv(256).split(b"\r\n")
-        except OSError:
+                return _read_reply(conn.makefile("rb"))
+        except (OSError, ValueError):
             return None
-        # *2 $len host $len port
-        if not reply or reply[0] != b"*2" or len(reply) < 5:
-            return None
-        return reply[2].decode(), int(reply[4])
+
+
+def _read_reply(stream: Any) -> Any:
+    """Reads one RESP2 reply: arrays and bulk strings as lists and str."""
+    line = stream.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"*":
+        count = int(rest)
+        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else stream.read(size + 2)[:size].decode()
+    if kind in (b"+", b":"):
+        return rest.decode()
+    raise ValueError(f"unexpected reply {line!r}")
 
 
 class Daphne(Child):

@@ -157,6 +157,9 @@ def test_channels_redis_builds_sentinel_pools_from_these_settings():
     assert pool.service_name == "chat"
     assert pool.connection_kwargs["socket_timeout"] > 5
     assert pool.max_connections > 100
+    # Each sentinel is asked once: redis-py's default is ten tries with backoff.
+    for sentinel in pool.sentinel_manager.sentinels:
+        assert sentinel.get_retry() is None
 
 
 @pytest.mark.parametrize(
@@ -165,6 +168,11 @@ def test_channels_redis_builds_sentinel_pools_from_these_settings():
 def test_a_malformed_sentinel_list_fails_loudly(sentinels):
     with pytest.raises(ImproperlyConfigured, match="REDIS_SENTINELS"):
         channel_layers_from_env(None, sentinels)
+
+
+def test_a_sentinel_master_name_without_sentinels_fails_loudly():
+    with pytest.raises(ImproperlyConfigured, match="REDIS_SENTINELS"):
+        channel_layers_from_env(None, None, "chat")
 
 
 def test_redis_url_and_sentinels_together_fail_loudly():
@@ -187,6 +195,8 @@ def test_the_cache_asks_the_sentinels_too():
         sentinel.connection_pool.connection_kwargs["port"]
         for sentinel in pool.sentinel_manager.sentinels
     ] == [26379, 26380, 26381]
+    for sentinel in pool.sentinel_manager.sentinels:
+        assert sentinel.get_retry() is None
 
 
 def test_a_number_setting_takes_fractions_and_has_its_default(monkeypatch):
