@@ -26,7 +26,7 @@ from channels_redis.utils import _consistent_hash
 
 from deploy.cluster import Cluster
 from harness.client import ChatPage, ChatSocket
-from harness.processes import PLAIN_DAPHNE, http_get
+from harness.processes import LAUNCHER, PLAIN_DAPHNE, http_get
 from tests.integration.conftest import SETUP_SCRIPT, HttpSession, unique_name
 
 pytestmark = pytest.mark.integration
@@ -682,10 +682,15 @@ def rate_counts(server) -> dict[bytes, int]:
         client.close()
 
 
+@pytest.mark.parametrize(
+    "worker_command", [LAUNCHER, PLAIN_DAPHNE], ids=["launcher", "plain-daphne"]
+)
 async def test_sentinel_failover_moves_the_layer_and_the_cache_to_the_new_primary(
-    clients,
+    clients, worker_command
 ):
-    with Cluster(workers=2, sentinel=True, env=CLUSTER_ENV) as cluster:
+    with Cluster(
+        workers=2, sentinel=True, env=CLUSTER_ENV, worker_command=worker_command
+    ) as cluster:
         room = unique_name("failover")
         users = make_users(cluster, 7, rooms=[room])
         names = list(users)
