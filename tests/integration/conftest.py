@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -362,6 +363,28 @@ def create_room(base_url: str, sessionid: str, name: str) -> None:
 def unique_name(prefix: str) -> str:
     """Returns a fresh user or room name, so tests sharing a server never meet."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def api_call(
+    base_url: str, method: str, path: str, token: str, data: Any = None
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Returns (status, headers, JSON body) of one API request, 4xx included."""
+    request = urllib.request.Request(
+        base_url + path,
+        method=method,
+        data=None if data is None else json.dumps(data).encode(),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+        },
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=HTTP_TIMEOUT) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), json.loads(error.read())
 
 
 @dataclass(frozen=True)

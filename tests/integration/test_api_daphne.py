@@ -12,9 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
-from typing import Any
 
 import pytest
 
@@ -22,9 +19,9 @@ from harness.client import ChatSocket
 from harness.processes import manage
 from tests.conftest import assert_event
 from tests.integration.conftest import (
-    HTTP_TIMEOUT,
     REPO_ROOT,
     DaphneServer,
+    api_call,
     create_room,
     new_account,
     unique_name,
@@ -42,28 +39,6 @@ def create_token(server: DaphneServer, owner: str, *flags: str) -> str:
         env=server.env, timeout=60,
     )  # fmt: skip
     return result.stdout.strip()
-
-
-def call(
-    server: DaphneServer, method: str, path: str, token: str, data: Any = None
-) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """Returns (status, headers, JSON body) of one API request, 4xx included."""
-    request = urllib.request.Request(
-        server.base_url + path,
-        method=method,
-        data=None if data is None else json.dumps(data).encode(),
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-        },
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=HTTP_TIMEOUT) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, dict(error.headers), json.loads(error.read())
 
 
 async def assert_silent(socket: ChatSocket, timeout: float = 0.5) -> None:
@@ -130,7 +105,12 @@ async def test_two_workers_share_publish_push_and_the_rate_limit(
 
     # 1: published through worker one, seen on both workers.
     status, _, message = await asyncio.to_thread(
-        call, one, "POST", f"/api/rooms/{room}/messages/", token, {"message": "hi"}
+        api_call,
+        one.base_url,
+        "POST",
+        f"/api/rooms/{room}/messages/",
+        token,
+        {"message": "hi"},
     )
     assert status == 201, message
     assert_event(message, "message", user="CI", message="hi")
@@ -139,7 +119,12 @@ async def test_two_workers_share_publish_push_and_the_rate_limit(
 
     # 2: pushed through worker one to both of alice's sockets, not to bob.
     status, _, pushed = await asyncio.to_thread(
-        call, one, "POST", f"/api/users/{alice.username}/push/", token, {"event": "e"}
+        api_call,
+        one.base_url,
+        "POST",
+        f"/api/users/{alice.username}/push/",
+        token,
+        {"event": "e"},
     )
     assert (status, pushed) == (202, {"sockets": 2})
     for socket in (alice_one, alice_two):
@@ -148,10 +133,12 @@ async def test_two_workers_share_publish_push_and_the_rate_limit(
 
     # 3, 4 through worker two; the 5th, on worker one, is over the shared budget.
     for _ in range(2):
-        status, _, _ = await asyncio.to_thread(call, two, "GET", "/api/rooms/", token)
+        status, _, _ = await asyncio.to_thread(
+            api_call, two.base_url, "GET", "/api/rooms/", token
+        )
         assert status == 200
     status, headers, body = await asyncio.to_thread(
-        call, one, "GET", "/api/rooms/", token
+        api_call, one.base_url, "GET", "/api/rooms/", token
     )
     assert (status, body["error"]) == (429, "rate_limited")
     assert re.fullmatch(r"[1-9][0-9]*", headers["Retry-After"])

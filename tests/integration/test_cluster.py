@@ -12,8 +12,6 @@ import asyncio
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -27,7 +25,12 @@ from channels_redis.utils import _consistent_hash
 from deploy.cluster import Cluster
 from harness.client import ChatPage, ChatSocket
 from harness.processes import LAUNCHER, PLAIN_DAPHNE, http_get
-from tests.integration.conftest import SETUP_SCRIPT, HttpSession, unique_name
+from tests.integration.conftest import (
+    SETUP_SCRIPT,
+    HttpSession,
+    api_call,
+    unique_name,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -651,28 +654,6 @@ async def test_worker_started_while_redis_is_down_is_unready_until_it_is_back(
 # ---------------------------------------------------------------------------
 
 
-def api_post(
-    base_url: str, token: str, path: str, data: dict[str, Any]
-) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """POSTs to the API at `base_url`; returns (status, headers, JSON body)."""
-    request = urllib.request.Request(
-        f"{base_url}/api/{path}",
-        method="POST",
-        data=json.dumps(data).encode(),
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-        },
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=TIMEOUT) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, dict(error.headers), json.loads(error.read())
-
-
 def rate_counts(server) -> dict[bytes, int]:
     """The API's rate counters (chat.tokens) held by one Redis server."""
     client = redis.Redis(host="127.0.0.1", port=server.port)
@@ -701,13 +682,15 @@ async def test_sentinel_failover_moves_the_layer_and_the_cache_to_the_new_primar
             "create_api_token", "--owner", names[0], "--name", "failover",
             "--publish", "--push",
         ).stdout.strip()  # fmt: skip
-        path = f"rooms/{room}/messages/"
-        publish = partial(api_post, cluster.url, token, path)
-        push = partial(api_post, cluster.url, token, f"users/{names[0]}/push/")
+        path = f"/api/rooms/{room}/messages/"
+        publish = partial(api_call, cluster.url, "POST", path, token)
+        push = partial(
+            api_call, cluster.url, "POST", f"/api/users/{names[0]}/push/", token
+        )
         # Each worker's cache pool is made now, while the first primary serves.
         for index, worker in enumerate(cluster.workers):
             body = {"message": f"by the API {index}", "client_id": f"api-{index}"}
-            assert api_post(worker.base_url, token, path, body)[0] == 201
+            assert api_call(worker.base_url, "POST", path, token, body)[0] == 201
         count = 2 + await post_from(group, "before")
         await wait_all_have(cluster, group, count)
         # A socket that does not reconnect, to see what the server tells it.
@@ -754,7 +737,7 @@ async def test_sentinel_failover_moves_the_layer_and_the_cache_to_the_new_primar
         for index, worker in enumerate(cluster.workers):
             counted = sum(rate_counts(replica).values())
             body = {"message": f"again {index}", "client_id": f"api-again-{index}"}
-            assert api_post(worker.base_url, token, path, body)[0] == 201
+            assert api_call(worker.base_url, "POST", path, token, body)[0] == 201
             assert sum(rate_counts(replica).values()) > counted, worker.name
         count += 3
         everyone = [*group, newcomer]
