@@ -298,6 +298,8 @@ class ChatSocket(EventReader):
 
 # The most messages one `history` request may ask for (CHAT_HISTORY_MAX).
 HISTORY_MAX = 200
+# How long a hole may stay before it is asked for (HOLE_GRACE_MS in backlog.js).
+HOLE_GRACE_SECONDS = 0.5
 
 
 class ChatPage:
@@ -306,9 +308,10 @@ class ChatPage:
     On 1001/1006/1012/1013 it reconnects (backoff from 0.1 s, up to 1 s) with
     ?since=<last seq> and resends what the room has not echoed yet, with the
     same client_id. A hole in the seqs it holds (a broadcast the layer dropped,
-    or one its worker died before sending) it fills with `history`, as the
-    page does. Records every message (by seq), every other frame and every
-    close code. `diagnose()` adds to a failure message (e.g. the servers' logs).
+    or one its worker died before sending) that is still there after
+    HOLE_GRACE_SECONDS it fills with `history`, as the page does. Records
+    every message (by seq), every other frame and every close code.
+    `diagnose()` adds to a failure message (e.g. the servers' logs).
     """
 
     def __init__(
@@ -345,6 +348,9 @@ class ChatPage:
         # deleted message leaves a hole that history never fills).
         self.holes_asked: set[int] = set()
         self.floor: int | None = None  # the lowest seq it holds
+        # Seqs that came with a hole below them, checked again after the grace.
+        self.gap_tops: set[int] = set()
+        self.hole_check: asyncio.Task | None = None
         # The member list as this page shows it: welcome, then presence diffs.
         self.view: set[str] = set()
         self.connection: ClientConnection | None = None
@@ -440,9 +446,13 @@ class ChatPage:
             for pending in list(self.unacked.values()):
                 await self.send(pending)
         elif frame["type"] == "message":
-            self.live_seqs.append(frame["seq"])
+            seq = frame["seq"]
+            self.live_seqs.append(seq)
             self.remember(frame)
-            await self.fill_hole_below(frame["seq"])
+            if seq - 1 > self.floor and seq - 1 not in self.messages:
+                self.gap_tops.add(seq)
+                if self.hole_check is None or self.hole_check.done():
+                    self.hole_check = asyncio.create_task(self.fill_holes_later())
         elif frame["type"] == "history":
             for message in frame["messages"]:
                 self.remember(message)
@@ -450,6 +460,14 @@ class ChatPage:
                 await self.fill_hole_below(frame["messages"][0]["seq"])
         else:
             self.frames.append(frame)
+
+    async def fill_holes_later(self) -> None:
+        """Asks for the holes seen that are still there after the grace: a
+        broadcast overtaken by the next one comes within it."""
+        await asyncio.sleep(HOLE_GRACE_SECONDS)
+        tops, self.gap_tops = self.gap_tops, set()
+        for top in sorted(tops, reverse=True):
+            await self.fill_hole_below(top)
 
     async def fill_hole_below(self, seq: int) -> None:
         """Asks with `history` for the messages missing just below `seq`, as
@@ -491,6 +509,8 @@ class ChatPage:
 
     async def stop(self) -> None:
         self.stopped = True
+        if self.hole_check is not None:
+            self.hole_check.cancel()
         if self.connection is not None:
             await self.connection.close()
         if self.task is not None:

@@ -4,6 +4,11 @@
 // request of each kind is in flight; the list is aria-busy while a page is.
 
 const NEAR_TOP_PX = 80;
+// Broadcasts posted through two workers can arrive a few milliseconds out of
+// order. A hole is asked for only if it is still there after this long: else
+// each overtaken broadcast would cost the server one query per page of the
+// room.
+const HOLE_GRACE_MS = 500;
 
 // timeline: where messages go and which seqs were received. send(frame) ->
 // bool and isReady(): the connection's. historyMax: the server's limit on a
@@ -20,6 +25,7 @@ export function createBacklog({
   let hasMore = false; // older messages exist before the first one shown
   let olderBefore = null; // the `before` of the page of older history in flight
   let holeBefore = null; // the `before` of the gap-filling request in flight
+  let holeTimer = null; // a hole seen, to be asked for after HOLE_GRACE_MS
 
   function setHasMore(more) {
     hasMore = Boolean(more);
@@ -66,11 +72,15 @@ export function createBacklog({
     maybeLoadOlder,
     // Called with the messages just shown: a seq whose predecessor never
     // came means a broadcast was lost or overtaken, or a resume fell short.
-    // Asks for what lies between.
+    // Asks for what still lies between after HOLE_GRACE_MS.
     checkGaps(added) {
       const floor = timeline.oldestSeq();
       const gaps = added.filter((m) => m.seq - 1 > floor && !timeline.has(m.seq - 1));
-      if (gaps.length) fillHole(Math.max(...gaps.map((m) => m.seq)));
+      if (!gaps.length || holeTimer !== null) return;
+      holeTimer = setTimeout(() => {
+        holeTimer = null;
+        fillHole(timeline.lastSeq() + 1);
+      }, HOLE_GRACE_MS);
     },
     // Called on a resumed socket: a hole whose request went with the last
     // socket is asked for again.
