@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -23,6 +24,7 @@ from harness.wire import (
     decode_events,
     handshake_headers,
     message_frame,
+    reconnect_wait,
     socket_url,
     view_after,
 )
@@ -305,7 +307,8 @@ HOLE_GRACE_SECONDS = 0.5
 class ChatPage:
     """One user's page in one room, reading every frame as it comes.
 
-    On 1001/1006/1012/1013 it reconnects (backoff from 0.1 s, up to 1 s) with
+    On 1001/1006/1012/1013 it reconnects (harness.wire.reconnect_wait: from
+    0.1 s up to 1 s, afresh after 1001, 1012 or a stable socket) with
     ?since=<last seq> and resends what the room has not echoed yet, with the
     same client_id. A hole in the seqs it holds (a broadcast the layer dropped,
     or one its worker died before sending) that is still there after
@@ -357,6 +360,7 @@ class ChatPage:
         self.ready = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.stopped = False
+        self.opened_at: float | None = None  # when the current socket opened
 
     @property
     def last_seq(self) -> int:
@@ -398,13 +402,17 @@ class ChatPage:
         return self
 
     async def run(self) -> None:
-        delay = 0.1
+        wait = None
         while not self.stopped:
+            self.opened_at = None
             code = await self.session()
             if self.stopped or not self.reconnect or code not in RECONNECT_CODES:
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            opened = self.opened_at
+            wait = reconnect_wait(
+                wait, code, 0 if opened is None else time.monotonic() - opened
+            )
+            await asyncio.sleep(wait)
 
     async def session(self) -> int:
         """One socket from connect to close; returns the close code."""
@@ -424,6 +432,7 @@ class ChatPage:
             # the page does.
             self.refused.append(repr(error))
             return CLOSE_ABNORMAL
+        self.opened_at = time.monotonic()
         try:
             while True:
                 for frame in decode_events(await self.connection.recv()):

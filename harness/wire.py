@@ -25,6 +25,7 @@ __all__ = [
     "decode_events",
     "handshake_headers",
     "message_frame",
+    "reconnect_wait",
     "socket_url",
     "view_after",
 ]
@@ -35,6 +36,32 @@ CLOSE_ABNORMAL = 1006
 RECONNECT_CODES = frozenset(
     {CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER}
 )
+
+# The page's backoff starts afresh after a socket that stayed open this long
+# (STABLE_AFTER_MS in connection.js): a drop now and then is no sign of trouble.
+STABLE_AFTER_SECONDS = 10
+# A test client's backoff: shorter than the page's (BACKOFF_BASE_MS 500, full
+# jitter), so that tests do not wait, and doubling up to a second.
+RECONNECT_FIRST_SECONDS = 0.1
+RECONNECT_CAP_SECONDS = 1.0
+
+
+def reconnect_wait(previous: float | None, code: int, open_seconds: float) -> float:
+    """Returns how long to wait before reconnecting after a close with `code`
+    of a socket that had been open `open_seconds`, the last wait having been
+    `previous` (None: none yet).
+
+    The wait doubles while sockets keep failing, and starts again from the
+    first, as the page's does, after a server's close on purpose (1001, 1012)
+    and after a socket that was stable.
+    """
+    if (
+        previous is None
+        or code in (CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART)
+        or open_seconds >= STABLE_AFTER_SECONDS
+    ):
+        return RECONNECT_FIRST_SECONDS
+    return min(previous * 2, RECONNECT_CAP_SECONDS)
 
 
 def socket_url(base_url: str, room: str, query: str = "") -> str:
