@@ -164,6 +164,10 @@ class Worker(models.Model):
     # Sockets this worker closed with 4008 for falling behind (as of its last
     # heartbeat; /metrics has the live figure).
     slow_closes = models.PositiveIntegerField(default=0)
+    # Draining to stop (SIGTERM): its sockets' rows stay online until the
+    # lease runs out (their users reconnect elsewhere with no leave/join
+    # flicker), but no longer count toward the caps per user and per address.
+    stopping = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return self.id

@@ -22,7 +22,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
@@ -103,6 +103,13 @@ def worker_heartbeat(
         Connection.objects.filter(channel_name=channel_name).update(
             queued_events=queued, peak_queued_events=peak
         )
+
+
+def worker_stopping(*, worker_id: str = WORKER_ID) -> None:
+    """Marks this worker as draining: its sockets stop counting toward the
+    caps (see Worker.stopping), so that its users are not refused with 4429
+    as they reconnect elsewhere."""
+    Worker.objects.filter(id=worker_id).update(stopping=True)
 
 
 def lease_taken() -> bool:
@@ -300,13 +307,19 @@ def connections_open(
         sockets_of: dict[int, int] = {}
         from_network: dict[str, int] = {}
         online: set[tuple[int, int]] = set()
-        for user_id, room_id, network in (
-            live_connections().filter(held).values_list("user_id", "room_id", "network")
+        # A draining worker's sockets keep their users online (no join is
+        # sent for a user who never left) but are not counted.
+        draining = Worker.objects.filter(id=OuterRef("worker"), stopping=True)
+        for user_id, room_id, network, counted in (
+            live_connections()
+            .filter(held)
+            .annotate(counted=~Exists(draining))
+            .values_list("user_id", "room_id", "network", "counted")
         ):
             if user_id in users:
-                sockets_of[user_id] = sockets_of.get(user_id, 0) + 1
+                sockets_of[user_id] = sockets_of.get(user_id, 0) + counted
                 online.add((user_id, room_id))
-            if network in networks:
+            if network in networks and counted:
                 from_network[network] = from_network.get(network, 0) + 1
         rows, firsts = [], []
         for opening in openings:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import DatabaseError
 
 from chat import presence, sentinel
 from chat.broadcast import LAYER_ERRORS
@@ -27,6 +28,7 @@ class Closable(Protocol):
 _sockets: weakref.WeakSet = weakref.WeakSet()
 _heartbeat_task: asyncio.Task | None = None
 _draining = False
+_stopping: asyncio.Task | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -129,9 +131,23 @@ async def close_all_sockets(code: int) -> int:
 
 
 def begin_drain() -> None:
-    """Marks the process as shutting down (see chatproject.server)."""
-    global _draining
+    """Marks the process as shutting down (see chatproject.server), and its
+    lease as draining, so that its sockets stop counting toward the caps as
+    their users reconnect elsewhere."""
+    global _draining, _stopping
     _draining = True
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _stopping = loop.create_task(_mark_stopping())
+
+
+async def _mark_stopping() -> None:
+    try:
+        await database_sync_to_async(presence.worker_stopping)()
+    except DatabaseError:
+        logger.warning("could not mark the lease as draining: database error")
 
 
 def is_draining() -> bool:

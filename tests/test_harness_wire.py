@@ -23,7 +23,8 @@ def waits(closes):
 def test_sockets_that_keep_failing_back_off_up_to_the_cap():
     seen = waits([(CLOSE_ABNORMAL, 0)] * 6)
     assert seen[0] == RECONNECT_FIRST_SECONDS
-    assert all(later == min(2 * earlier, RECONNECT_CAP_SECONDS) for earlier, later in zip(seen, seen[1:]))
+    for earlier, later in zip(seen, seen[1:], strict=False):
+        assert later == min(2 * earlier, RECONNECT_CAP_SECONDS)
     assert seen[-1] == RECONNECT_CAP_SECONDS
 
 

@@ -137,6 +137,24 @@ def test_sockets_of_a_worker_whose_lease_ran_out_are_not_online(room, alice, bob
     assert presence.user_socket_count(user=bob) == 0
 
 
+def test_a_draining_workers_sockets_keep_their_users_online_but_do_not_count(
+    room, alice
+):
+    """Its users reconnect elsewhere: not refused at the cap, and no join, as
+    they never left."""
+    open_on("stopping-worker", room, alice, "old")
+    presence.worker_stopping(worker_id="stopping-worker")
+    assert members(room) == ["alice"]
+    assert open_socket(room, alice, "new", max_per_user=1) is False
+    # Capped per address too.
+    Connection.objects.filter(channel_name="new").delete()
+    Connection.objects.filter(channel_name="old").update(network="192.0.2.1")
+    opening = presence.SocketOpening(room, alice, "new", "192.0.2.1")
+    assert presence.connections_open([opening], max_per_user=1, max_per_address=1) == [
+        False
+    ]
+
+
 def test_sweep_forgets_a_dead_workers_sockets_and_its_lease(room, alice, bob):
     open_on("dead-worker", room, bob, "b1")
     open_on("dead-worker", room, bob, "b2")

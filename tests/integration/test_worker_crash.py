@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.integration.conftest import new_account
 
@@ -87,6 +88,39 @@ async def test_a_stalled_worker_whose_lease_was_taken_closes_its_sockets_to_rejo
     sent = await bob_again.post("back from the stall")
     assert (await alice_ws.receive())["message"] == sent["message"]
     assert "Traceback" not in two.output()
+
+
+async def test_a_stopped_workers_sockets_stop_counting_once_it_has_exited(
+    daphne_factory, ws_connect
+):
+    """A worker stopped with SIGTERM keeps its sockets' rows while it drains
+    (their users reconnect elsewhere with no leave/join flicker), but once it
+    has exited they must not hold a cap a lease long: users behind one address
+    reconnecting at once after a deploy were refused with 4429."""
+    one, two, alice, bob = two_workers(
+        daphne_factory,
+        # A lease far longer than the test: no peer's sweep helps.
+        env={"CHAT_WORKER_LEASE_SECONDS": "120", "CHAT_MAX_CONNECTIONS_PER_USER": "1"},
+    )
+    alice_ws, _ = await ws_connect(
+        one, "general", sessionid=alice.sessionid, welcome=True
+    )
+    bob_ws, _ = await ws_connect(two, "general", sessionid=bob.sessionid, welcome=True)
+    await bob_ws.wait_presence(joins=[alice.username])
+
+    one.process.send_signal(signal.SIGTERM)
+    code, _ = await alice_ws.receive_close()
+    assert code == 1001
+    assert one.process.wait(timeout=30) == 0
+
+    again = await ws_connect(two, "general", sessionid=alice.sessionid)
+    try:
+        welcome = await again.receive_type("welcome")
+    except ConnectionClosed as closed:
+        pytest.fail(f"refused with {closed.rcvd and closed.rcvd.code} after the exit")
+    assert welcome["members"] == sorted([alice.username, bob.username])
+    assert bob_ws.view == {alice.username, bob.username}
+    assert "could not give up the lease" not in one.output()
 
 
 async def test_a_socket_open_past_the_group_expiry_still_hears_its_room(
