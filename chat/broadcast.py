@@ -1,6 +1,7 @@
 """The one seam through which every room event reaches the sockets of a room.
 
-Events are encoded once here; the group message carries the ready text and the
+Events are encoded once here; the group message carries the ready text (or
+the texts of the messages one write round stored in a room, in order) and the
 consumer's handler only sends it.
 """
 
@@ -31,6 +32,13 @@ CHAT_KICK = "chat.kick"
 CHAT_REVOKE = "chat.revoke"
 
 
+def event_texts(message: dict[str, Any]) -> list[str]:
+    """The encoded events of a CHAT_EVENT group message: its `text`, or the
+    `texts` of a write round's messages (broadcast_room_events)."""
+    texts = message.get("texts")
+    return texts if texts is not None else [message["text"]]
+
+
 def _group_message(event: ServerEvent, exclude_channel: str | None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": CHAT_EVENT, "text": encode(event)}
     if exclude_channel is not None:
@@ -45,6 +53,18 @@ async def broadcast_room_async(
     await get_channel_layer().group_send(
         room_group_name(slug), _group_message(event, exclude_channel)
     )
+
+
+def broadcast_room_events(slug: str, events: list[ServerEvent]) -> None:
+    """broadcast_room for the events of one write round in one room, in order:
+    one group message (`texts`), so one layer round trip and one read per
+    worker for all of them, not one each."""
+    if len(events) == 1:
+        broadcast_room(slug, events[0])
+        return
+    message = {"type": CHAT_EVENT, "texts": [encode(event) for event in events]}
+    if not sender.submit(room_group_name(slug), message):
+        async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
 
 
 def broadcast_room(

@@ -29,7 +29,12 @@ from chat import (
     worker,
 )
 from chat.batching import DatabaseBatch, each
-from chat.broadcast import CHAT_EVENT, LAYER_ERRORS, broadcast_room_async
+from chat.broadcast import (
+    CHAT_EVENT,
+    LAYER_ERRORS,
+    broadcast_room_async,
+    event_texts,
+)
 from chat.limits import (
     SharedRateLimit,
     Throttle,
@@ -494,7 +499,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if message["type"] != CHAT_EVENT:
             return False
         if message.get("exclude") != self.channel_name:
-            self.outbox.push(message["text"])
+            for text in event_texts(message):
+                self.outbox.push(text)
         return True
 
     async def chat_event(self, message: dict) -> None:

@@ -19,7 +19,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from chat import membership, moderation, presence, protocol, reading
-from chat.broadcast import broadcast_room, send_to_user
+from chat.broadcast import broadcast_room_events, send_to_user
 from chat.models import Membership, Mention, Message, Room
 
 
@@ -253,7 +253,7 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
             if post.client_id is not None and key in stored:
                 outcomes[index] = (stored[key], False)
                 if (message := resent.pop(key, None)) is not None:
-                    _broadcast_on_commit(locked, message)
+                    _broadcast_on_commit(locked, [message])
             elif locked.is_closed:
                 outcomes[index] = protocol.ProtocolError(
                     protocol.ERROR_ROOM_CLOSED,
@@ -290,18 +290,18 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
         Message.objects.bulk_create(new)
         reading.posters_read(locked, new)
         reading.mentions_record(new, mentioned)
-        for message in new:
-            _broadcast_on_commit(locked, message)
+        _broadcast_on_commit(locked, new)
     return outcomes  # type: ignore[return-value]
 
 
-def _broadcast_on_commit(room: Room, message: Message) -> None:
-    event = message_event(message, room_slug=room.slug)
+def _broadcast_on_commit(room: Room, messages: list[Message]) -> None:
+    events = [message_event(message, room_slug=room.slug) for message in messages]
     # robust: the stored message is the truth and the live broadcast is best
     # effort (at most once by design); pages that miss it while Redis is away
     # fetch it with ?since or history.
     transaction.on_commit(
-        lambda slug=room.slug, event=event: broadcast_room(slug, event), robust=True
+        lambda slug=room.slug, events=events: broadcast_room_events(slug, events),
+        robust=True,
     )
 
 

@@ -16,7 +16,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.test import Client as HttpClient
 from django.urls import re_path
 
-from chat import protocol
+from chat import protocol, services
 from chat.consumers import ChatConsumer
 from chat.models import Connection, Message, Room
 from tests.conftest import ORIGIN, assert_event, db, post, redis_layer_config
@@ -309,6 +309,28 @@ async def test_message_reaches_everyone_with_gapless_seq(connect, alice, bob, ro
     assert_event(second, "message", seq=2, user="bob", client_id=None)
     assert await a.receive() == second
     assert await stored_bodies() == ["hello", "hi alice"]
+
+
+async def test_a_write_rounds_messages_in_one_group_message_reach_the_socket_in_order(
+    connect, alice, bob, room
+):
+    """Posts stored together go out as one group message (`texts`); the
+    socket gets each as its own event, in seq order, the sender's own too."""
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await a.wait_presence(joins=("bob",))
+    posts = [
+        services.Post(room=room, user=user, text=text)
+        for user, text in ((alice, "one"), (bob, "two"), (alice, "three"))
+    ]
+    await database_sync_to_async(services.messages_post)(posts)
+    for client in (a, b):
+        got = [await client.receive() for _ in posts]
+        assert [(e["seq"], e["message"]) for e in got] == [
+            (1, "one"),
+            (2, "two"),
+            (3, "three"),
+        ]
 
 
 async def test_tutorial_frame_is_accepted_as_a_post(connect, alice, room):

@@ -52,14 +52,18 @@ def five(room, alice) -> Room:
 
 @pytest.fixture
 def broadcasts(monkeypatch) -> list[dict[str, Any]]:
-    """Records what message_post broadcasts, and whether it was stored by then."""
+    """Records what message_post broadcasts, whether it was stored by then, and
+    in which group message (`round`: the events of one call share it)."""
     sent: list[dict[str, Any]] = []
+    calls = iter(range(1_000_000))
 
-    def record(slug: str, event: dict[str, Any], **kwargs: Any) -> None:
-        stored = Message.objects.filter(pk=event["id"]).exists()
-        sent.append({"slug": slug, "event": event, "stored": stored, **kwargs})
+    def record(slug: str, events: list[dict[str, Any]]) -> None:
+        call = next(calls)
+        for event in events:
+            stored = Message.objects.filter(pk=event["id"]).exists()
+            sent.append({"slug": slug, "event": event, "stored": stored, "round": call})
 
-    monkeypatch.setattr(services, "broadcast_room", record)
+    monkeypatch.setattr(services, "broadcast_room_events", record)
     return sent
 
 
@@ -275,13 +279,17 @@ def test_posts_together_get_what_each_would_alone(
     assert room.last_seq == 4
     # Each new message once, after the commit, in each room's order; the retry
     # of the one stored before is heard again, the retry within the batch not.
-    assert [(b["slug"], b["event"]["seq"], b["stored"]) for b in broadcasts] == [
-        ("lobby", 1, True),
-        ("lobby", 1, True),
-        ("lobby", 2, True),
-        ("lobby", 3, True),
-        ("lobby", 4, True),
-        ("other", 1, True),
+    # The new ones of a room go out together: one group message, one layer
+    # round trip for all of them.
+    assert [
+        (b["slug"], b["event"]["seq"], b["stored"], b["round"]) for b in broadcasts
+    ] == [
+        ("lobby", 1, True, 0),
+        ("lobby", 1, True, 1),
+        ("lobby", 2, True, 2),
+        ("lobby", 3, True, 2),
+        ("lobby", 4, True, 2),
+        ("other", 1, True, 3),
     ]
     assert broadcasts[1]["event"] == broadcasts[0]["event"]
     assert broadcasts[2]["event"] == services.message_event(
