@@ -167,7 +167,9 @@ class Worker(models.Model):
     # Draining to stop (SIGTERM): its sockets' rows stay online until the
     # lease runs out (their users reconnect elsewhere with no leave/join
     # flicker), but no longer count toward the caps per user and per address.
-    stopping = models.BooleanField(default=False)
+    # A database default too: a worker of the release before, in the same
+    # rolling deploy, inserts its lease row without this column.
+    stopping = models.BooleanField(default=False, db_default=False)
 
     def __str__(self) -> str:
         return self.id

@@ -12,7 +12,6 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import DatabaseError
 
 from chat import presence, sentinel
 from chat.broadcast import LAYER_ERRORS
@@ -130,24 +129,26 @@ async def close_all_sockets(code: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def begin_drain() -> None:
+def begin_drain() -> asyncio.Task | None:
     """Marks the process as shutting down (see chatproject.server), and its
     lease as draining, so that its sockets stop counting toward the caps as
-    their users reconnect elsewhere."""
+    their users reconnect elsewhere. Returns the task that marks the lease
+    (None without a running loop)."""
     global _draining, _stopping
     _draining = True
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return
+        return None
     _stopping = loop.create_task(_mark_stopping())
+    return _stopping
 
 
 async def _mark_stopping() -> None:
     try:
         await database_sync_to_async(presence.worker_stopping)()
-    except DatabaseError:
-        logger.warning("could not mark the lease as draining: database error")
+    except Exception:
+        logger.warning("could not mark the lease as draining", exc_info=True)
 
 
 def is_draining() -> bool:

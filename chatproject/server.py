@@ -32,6 +32,11 @@ from chat.protocol import CLOSE_GOING_AWAY
 logger = logging.getLogger("chatproject.server")
 
 
+# The most a drain waits for its lease to be marked `stopping` before it
+# closes the sockets all the same.
+STOPPING_WAIT_SECONDS = 1.0
+
+
 def drain_seconds() -> float:
     """Returns how long a drain may wait for the sockets (CHAT_DRAIN_SECONDS)."""
     return settings.CHAT_DRAIN_SECONDS
@@ -70,11 +75,30 @@ class DrainingServer(Server):
         from chat.worker import begin_drain
 
         self.draining = True
+        deadline = time.monotonic() + drain_seconds()
         # Sockets closed from here on keep their presence rows: their users are
         # reconnecting elsewhere, and the lease sweep settles who really left.
-        begin_drain()
+        # Their rows must no longer count toward the caps by the time those
+        # reconnects arrive: the sockets close once the lease says `stopping`
+        # (or after STOPPING_WAIT_SECONDS, should the database be slow).
+        marked = begin_drain()
         for port in self.ports:
             port.stopListening()
+        closing = [False]
+
+        def close_sockets(*_: object) -> None:
+            if closing[0]:
+                return
+            closing[0] = True
+            self._close_sockets(deadline)
+
+        if marked is None:
+            close_sockets()
+            return
+        marked.add_done_callback(close_sockets)
+        reactor.callLater(STOPPING_WAIT_SECONDS, close_sockets)
+
+    def _close_sockets(self, deadline: float) -> None:
         sockets = self.open_websockets()
         logger.info(
             "draining: closing %d socket(s) with %d", len(sockets), CLOSE_GOING_AWAY
@@ -86,7 +110,7 @@ class DrainingServer(Server):
                     reasonUtf8=b"server going away",
                     isReply=False,
                 )
-        self._stop_when_drained(time.monotonic() + drain_seconds())
+        self._stop_when_drained(deadline)
 
     def busy_applications(self) -> int:
         """Returns how many application instances still run (e.g. a disconnect)."""
