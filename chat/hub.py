@@ -187,7 +187,12 @@ class Hub:
                 continue
             group = message.pop(GROUP_KEY, None)
             if group is not None:
-                self.dispatch(group, message)
+                try:
+                    self.dispatch(group, message)
+                except Exception:
+                    # One message a socket cannot take (e.g. one from a newer
+                    # release mid-deploy) must not end the reading for all.
+                    logger.exception("hub: delivering a message to %s failed", group)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -106,6 +106,30 @@ async def test_a_channel_without_a_sink_keeps_the_stock_path(connect, alice, roo
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_message_a_socket_fails_on_does_not_stop_the_hubs_reading(
+    connect, alice, room, monkeypatch
+):
+    """The hub reads one worker's broadcasts for all its sockets: one message
+    a socket cannot take (one from a newer release in a rolling deploy) must
+    not leave every socket of the worker open and deaf."""
+    from chat.consumers import ChatConsumer
+
+    a, _ = await connect(alice)
+    deliver = ChatConsumer.hub_deliver
+
+    def fails_on_the_odd_one(self, message: dict) -> bool:
+        if message.get("odd"):
+            raise KeyError("text")
+        return deliver(self, message)
+
+    monkeypatch.setattr(ChatConsumer, "hub_deliver", fails_on_the_odd_one)
+    await get_channel_layer().group_send(
+        protocol.room_group_name("lobby"), {"type": "chat.event", "odd": True}
+    )
+    assert_event(await post(a, "heard after it"), "message", message="heard after it")
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_redis_holds_one_group_member_per_worker_not_per_socket(
     connect, make_user, room, redis_server
 ):
