@@ -55,6 +55,13 @@ async def broadcast_room_async(
     )
 
 
+def _send_from_sync(group: str, message: dict[str, Any]) -> None:
+    """A group_send from sync code: handed to the worker's loop (chat.sender),
+    or sent before returning where no loop is bound."""
+    if not sender.submit(group, message):
+        async_to_sync(get_channel_layer().group_send)(group, message)
+
+
 def broadcast_room_events(slug: str, events: list[ServerEvent]) -> None:
     """broadcast_room for the events of one write round in one room, in order:
     one group message (`texts`), so one layer round trip and one read per
@@ -63,8 +70,7 @@ def broadcast_room_events(slug: str, events: list[ServerEvent]) -> None:
         broadcast_room(slug, events[0])
         return
     message = {"type": CHAT_EVENT, "texts": [encode(event) for event in events]}
-    if not sender.submit(room_group_name(slug), message):
-        async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
+    _send_from_sync(room_group_name(slug), message)
 
 
 def broadcast_room(
@@ -75,9 +81,7 @@ def broadcast_room(
     In a worker it returns at once: the message goes out after the ones
     before it (chat.sender says why).
     """
-    message = _group_message(event, exclude_channel)
-    if not sender.submit(room_group_name(slug), message):
-        async_to_sync(get_channel_layer().group_send)(room_group_name(slug), message)
+    _send_from_sync(room_group_name(slug), _group_message(event, exclude_channel))
 
 
 async def send_to_user_async(user_id: int, event: ServerEvent) -> None:
@@ -93,9 +97,7 @@ async def send_to_user_async(user_id: int, event: ServerEvent) -> None:
 def send_to_user(user_id: int, event: ServerEvent) -> None:
     """Sync form of send_to_user_async; returns at once in a worker, as
     broadcast_room does."""
-    group, message = user_group_name(user_id), _group_message(event, None)
-    if not sender.submit(group, message):
-        async_to_sync(get_channel_layer().group_send)(group, message)
+    _send_from_sync(user_group_name(user_id), _group_message(event, None))
 
 
 async def send_kick_async(user_id: int, room_slug: str) -> None:
@@ -123,6 +125,4 @@ def send_revoke(user_id: int, *, session: str | None = None) -> None:
     message: dict[str, Any] = {"type": CHAT_REVOKE}
     if session is not None:
         message["session"] = session
-    group = user_group_name(user_id)
-    if not sender.submit(group, message):
-        async_to_sync(get_channel_layer().group_send)(group, message)
+    _send_from_sync(user_group_name(user_id), message)
