@@ -262,7 +262,18 @@ async def stop_worker_loop() -> None:
 
 
 async def _worker_loop() -> None:
-    watch = LayerWatch()
+    """The lease and the Redis checks, side by side: a hung Redis waits out
+    its timeouts in one without costing the other its cadence (a lease that
+    lapses makes this worker's live sockets count as gone)."""
+    layer_checks = asyncio.create_task(_layer_loop(), name="chat-worker-layer")
+    try:
+        await _lease_loop()
+    finally:
+        layer_checks.cancel()
+        await asyncio.gather(layer_checks, return_exceptions=True)
+
+
+async def _lease_loop() -> None:
     while True:
         try:
             if not is_draining():
@@ -284,6 +295,12 @@ async def _worker_loop() -> None:
             # A database outage must not end the loop: the lease is renewed
             # again once it answers.
             logger.exception("worker lease renewal failed")
+        await _next_round()
+
+
+async def _layer_loop() -> None:
+    watch = LayerWatch()
+    while True:
         try:
             await watch.check()
         except Exception:
@@ -292,8 +309,12 @@ async def _worker_loop() -> None:
             await refresh_hub_groups()
         except Exception:
             logger.warning("could not refresh the hub's groups", exc_info=True)
-        if asyncio.current_task().cancelling():
-            # A cancel that reached redis-py mid-call can come out as a
-            # connection error, caught above: stop all the same.
-            raise asyncio.CancelledError
-        await asyncio.sleep(settings.CHAT_WORKER_LEASE_SECONDS / 3)
+        await _next_round()
+
+
+async def _next_round() -> None:
+    if asyncio.current_task().cancelling():
+        # A cancel that reached redis-py mid-call can come out as a
+        # connection error, caught above: stop all the same.
+        raise asyncio.CancelledError
+    await asyncio.sleep(settings.CHAT_WORKER_LEASE_SECONDS / 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 
@@ -11,9 +12,9 @@ import pytest
 from channels.layers import get_channel_layer
 from django.test import Client as HttpClient
 
-from chat import protocol, tokens, worker
+from chat import presence, protocol, tokens, worker
 from chat.hub import RedisHubLayer
-from chat.models import Connection, Message
+from chat.models import Connection, Message, Worker
 from tests.conftest import RedisServer, db, post, redis_layer_config
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -105,6 +106,37 @@ async def test_a_redis_restart_closes_this_workers_sockets_with_1012(private_red
         assert socket.codes == [protocol.CLOSE_SERVICE_RESTART]
     finally:
         worker.socket_closed(socket)
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_hung_redis_does_not_hold_up_the_lease(private_redis, settings):
+    """The Redis checks wait out their timeouts on a hung server; the lease
+    must keep its cadence meanwhile, or the worker's live sockets count as
+    gone (a peer sweeps them, a push finds none)."""
+    settings.CHAT_WORKER_LEASE_SECONDS = 0.6  # renewed every 0.2 s
+    renewals: list = []
+
+    def heartbeat_at():
+        return (
+            Worker.objects.filter(id=presence.WORKER_ID)
+            .values_list("heartbeat_at", flat=True)
+            .first()
+        )
+
+    worker.ensure_heartbeat()
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        # Each look at the stopped Redis waits out its 2-s timeout.
+        deadline = asyncio.get_running_loop().time() + 3
+        while asyncio.get_running_loop().time() < deadline:
+            seen = await db(heartbeat_at)
+            if seen is not None and seen not in renewals:
+                renewals.append(seen)
+            await asyncio.sleep(0.05)
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+        await worker.stop_worker_loop()
+    assert len(renewals) >= 5, f"{len(renewals)} renewal(s) in 3 s of a hung Redis"
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
