@@ -209,6 +209,33 @@ async def test_a_refresh_joins_every_stale_group_again_in_few_round_trips(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_backlog_for_this_process_comes_in_few_round_trips_each_in_order(
+    channel_layer, redis_server
+):
+    """A worker's channels share one Redis key: a backlog in it is read a
+    batch a round trip, each channel's messages in the order they were sent."""
+    import redis.asyncio
+
+    layer = get_channel_layer()
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for number in range(150):
+        channel = first if number % 2 == 0 else second
+        await layer.send(channel, {"type": "numbered", "number": number})
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        before = (await client.info("stats"))["total_commands_processed"]
+        got_first = [(await layer.receive(first))["number"] for _ in range(75)]
+        got_second = [(await layer.receive(second))["number"] for _ in range(75)]
+        commands = (await client.info("stats"))["total_commands_processed"] - before
+    finally:
+        await client.aclose()
+    assert got_first == list(range(0, 150, 2))
+    assert got_second == list(range(1, 150, 2))
+    # Two batches of a blocking pop and a pop of the rest, and the INFO.
+    assert commands <= 5, f"{commands} Redis commands to read 150 messages"
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
