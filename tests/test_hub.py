@@ -236,6 +236,48 @@ async def test_a_backlog_for_this_process_comes_in_few_round_trips_each_in_order
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_group_send_to_three_workers_takes_two_round_trips(
+    channel_layer, redis_server, settings
+):
+    """Three layers on one Redis are three workers in one room's group."""
+    from tests.conftest import redis_layer_config
+
+    names = ["default", "second", "third"]
+    settings.CHANNEL_LAYERS = {
+        name: redis_layer_config(redis_server.url) for name in names
+    }
+    layers = [get_channel_layer(name) for name in names]
+    channels = [await layer.new_channel() for layer in layers]
+    for layer, channel in zip(layers, channels, strict=True):
+        await layer.group_add("room.three", channel)
+    # A command or a pipeline takes a connection from the pool for each trip.
+    pool = layers[0].connection(0).connection_pool
+    trips = 0
+    get_connection = pool.get_connection
+
+    async def counted(*args, **kwargs):
+        nonlocal trips
+        trips += 1
+        return await get_connection(*args, **kwargs)
+
+    pool.get_connection = counted
+    try:
+        await layers[0].group_send("room.three", {"type": "chat.event", "text": "x"})
+    finally:
+        pool.get_connection = get_connection
+    try:
+        received = [
+            await layer.receive(channel)
+            for layer, channel in zip(layers, channels, strict=True)
+        ]
+    finally:
+        for layer in layers[1:]:
+            await layer.close_pools()
+    assert [message["text"] for message in received] == ["x", "x", "x"]
+    assert trips == 2, f"{trips} round trips for one group_send"
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
