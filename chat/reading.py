@@ -60,25 +60,26 @@ def _raise_position(room: Room, user: AbstractBaseUser, seq: int) -> bool:
     )
 
 
-def posters_read(room: Room, messages: Sequence[Message]) -> None:
+def posters_read(messages: Sequence[Message]) -> None:
     """Moves each poster's read position to their newest message just stored.
 
     What you wrote you have read: your own posts never count as unread, and
-    posting in a public room makes it one of yours. Called under the room's
-    row lock, where these seqs are the room's newest, so the move is always
-    forward; one statement for all the posters of a batch.
+    posting in a public room makes it one of yours. Called under the rooms'
+    row locks, where these seqs are the rooms' newest, so the move is always
+    forward; one statement for all the posters of a batch, in all its rooms.
     """
-    newest: dict[int, int] = {}
+    newest: dict[tuple[int, int], int] = {}
     for message in messages:
         if message.user_id is not None:
-            newest[message.user_id] = max(newest.get(message.user_id, 0), message.seq)
+            key = (message.room_id, message.user_id)
+            newest[key] = max(newest.get(key, 0), message.seq)
     if not newest:
         return
     now = timezone.now()
     Membership.objects.bulk_create(
         [
-            Membership(room=room, user_id=user_id, read_seq=seq, read_at=now)
-            for user_id, seq in newest.items()
+            Membership(room_id=room_id, user_id=user_id, read_seq=seq, read_at=now)
+            for (room_id, user_id), seq in newest.items()
         ],
         update_conflicts=True,
         unique_fields=["user", "room"],

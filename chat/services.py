@@ -231,66 +231,81 @@ def messages_post(posts: list[Post]) -> list[PostOutcome]:
 
 def _store_posts(posts: list[Post]) -> list[PostOutcome]:
     outcomes: list[PostOutcome | None] = [None] * len(posts)
-    by_room: dict[int, list[int]] = {}
+    # The row locks serialise posts to a room, so seq has no holes and a
+    # concurrent retry of the same client_id finds the first copy. One query
+    # locks every room of the batch, in the order of their ids: two workers'
+    # batches naming the same rooms in other orders would deadlock (on
+    # PostgreSQL). Every step below is one statement for all the rooms, so a
+    # batch holds its locks for a handful of round trips, however many rooms.
+    rooms = {
+        room.pk: room
+        for room in Room.objects.select_for_update()
+        .filter(pk__in={post.room.pk for post in posts})
+        .order_by("pk")
+    }
+    stored = _stored_by_client_id(posts)
+    # A retry of a post stored earlier is broadcast again: its worker may
+    # have died between commit and broadcast, and in a quiet room no later
+    # seq shows the pages the hole. A page drops a seq it has.
+    resent = dict(stored)
+    now = timezone.now()
+    new: list[Message] = []
     for index, post in enumerate(posts):
-        by_room.setdefault(post.room.pk, []).append(index)
-    # In the order of their ids: two workers' batches that lock the same rooms
-    # in opposite orders would deadlock (on PostgreSQL).
-    for room_pk, indexes in sorted(by_room.items()):
-        # The row lock serialises posts to one room, so seq has no holes and a
-        # concurrent retry of the same client_id finds the first copy.
-        locked = Room.objects.select_for_update().get(pk=room_pk)
-        stored = _stored_by_client_id(locked, [posts[i] for i in indexes])
-        # A retry of a post stored earlier is broadcast again: its worker may
-        # have died between commit and broadcast, and in a quiet room no later
-        # seq shows the pages the hole. A page drops a seq it has.
-        resent = dict(stored)
-        now = timezone.now()
-        new: list[Message] = []
-        for index in indexes:
-            post = posts[index]
-            key = (post.user.pk, post.client_id)
-            if post.client_id is not None and key in stored:
-                outcomes[index] = (stored[key], False)
-                if (message := resent.pop(key, None)) is not None:
-                    _broadcast_on_commit(locked, [message])
-            elif locked.is_closed:
-                outcomes[index] = protocol.ProtocolError(
-                    protocol.ERROR_ROOM_CLOSED,
-                    "the room is closed: it can be read but not posted to",
-                    post.client_id,
-                )
-            else:
-                locked.last_seq += 1
-                message = Message(
-                    room=locked,
-                    seq=locked.last_seq,
-                    user=post.user,
-                    author=post.author or post.user.get_username(),
-                    body=post.text,
-                    client_id=post.client_id,
-                )
-                new.append(message)
-                outcomes[index] = (message, True)
-                if post.client_id is not None:
-                    # A retry within the same batch gets this first copy.
-                    stored[key] = message
-        if not new:
-            continue
-        locked.last_message_at = now
-        locked.save(update_fields=["last_seq", "last_message_at"])
-        mentioned = membership.members_of(
-            [
-                (locked, users)
-                for users in reading.mentioned_users([m.body for m in new])
-            ]
-        )
-        for message, users in zip(new, mentioned, strict=True):
-            message.mentions = [user.get_username() for user in users]
-        Message.objects.bulk_create(new)
-        reading.posters_read(locked, new)
-        reading.mentions_record(new, mentioned)
-        _broadcast_on_commit(locked, new)
+        locked = rooms[post.room.pk]
+        key = (locked.pk, post.user.pk, post.client_id)
+        if post.client_id is not None and key in stored:
+            outcomes[index] = (stored[key], False)
+            if (message := resent.pop(key, None)) is not None:
+                _broadcast_on_commit(locked, [message])
+        elif locked.is_closed:
+            outcomes[index] = protocol.ProtocolError(
+                protocol.ERROR_ROOM_CLOSED,
+                "the room is closed: it can be read but not posted to",
+                post.client_id,
+            )
+        else:
+            locked.last_seq += 1
+            locked.last_message_at = now
+            message = Message(
+                room=locked,
+                seq=locked.last_seq,
+                user=post.user,
+                author=post.author or post.user.get_username(),
+                body=post.text,
+                client_id=post.client_id,
+            )
+            new.append(message)
+            outcomes[index] = (message, True)
+            if post.client_id is not None:
+                # A retry within the same batch gets this first copy.
+                stored[key] = message
+    if not new:
+        return outcomes  # type: ignore[return-value]
+    # One UPDATE for all the rooms (bulk_update's Case per field and room cost
+    # more Python than the rest of the batch, under the locks).
+    last_seqs = {message.room_id: message.seq for message in new}
+    Room.objects.filter(pk__in=last_seqs).update(
+        last_seq=Case(*(When(pk=pk, then=seq) for pk, seq in last_seqs.items())),
+        last_message_at=now,
+    )
+    mentioned = membership.members_of(
+        [
+            (message.room, users)
+            for message, users in zip(
+                new, reading.mentioned_users([m.body for m in new]), strict=True
+            )
+        ]
+    )
+    for message, users in zip(new, mentioned, strict=True):
+        message.mentions = [user.get_username() for user in users]
+    Message.objects.bulk_create(new)
+    reading.posters_read(new)
+    reading.mentions_record(new, mentioned)
+    by_room: dict[int, list[Message]] = {}
+    for message in new:
+        by_room.setdefault(message.room_id, []).append(message)
+    for messages in by_room.values():
+        _broadcast_on_commit(messages[0].room, messages)
     return outcomes  # type: ignore[return-value]
 
 
@@ -306,18 +321,35 @@ def _broadcast_on_commit(room: Room, messages: list[Message]) -> None:
 
 
 def _stored_by_client_id(
-    room: Room, posts: list[Post]
-) -> dict[tuple[Any, str], Message]:
-    """The messages already stored in `room` under these posts' client_ids."""
-    wanted = Q()
-    for post in posts:
-        if post.client_id is not None:
-            wanted |= Q(user=post.user, client_id=post.client_id)
+    posts: list[Post],
+) -> dict[tuple[int, Any, str], Message]:
+    """The messages already stored under these posts' client_ids, by (room
+    pk, user pk, client_id). A post's client_id is new but for a retry, so
+    one cheap query finds the candidates (an OR of a Q per post costs more
+    Python than the rest of a batch) and only a retry's message is read."""
+    wanted = {
+        (post.room.pk, post.user.pk, post.client_id)
+        for post in posts
+        if post.client_id is not None
+    }
     if not wanted:
         return {}
     # order_by(): the model's default ordering would join the rooms to sort.
-    found = Message.objects.filter(wanted, room=room).order_by()
-    return {(message.user_id, message.client_id): message for message in found}
+    candidates = Message.objects.filter(
+        room__in={room for room, _, _ in wanted},
+        client_id__in={client_id for _, _, client_id in wanted},
+    ).order_by()
+    found = [
+        pk
+        for pk, *key in candidates.values_list("pk", "room", "user", "client_id")
+        if tuple(key) in wanted
+    ]
+    if not found:
+        return {}
+    return {
+        (message.room_id, message.user_id, message.client_id): message
+        for message in Message.objects.filter(pk__in=found).order_by()
+    }
 
 
 @dataclass(frozen=True)
