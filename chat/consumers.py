@@ -83,10 +83,12 @@ def _count_sent(frames: int, events: int) -> None:
 
 # Handshakes that arrive together share their trips to the database thread:
 # one to read the sessions' users, one to check and record the sockets. Posts
-# that arrive together share one trip and one transaction.
+# that arrive together share one trip and one transaction; history requests
+# one trip, and one query for the same page.
 session_users = DatabaseBatch(each(auth.session_user))
 sockets_open = DatabaseBatch(services.sockets_open)
 posts_stored = DatabaseBatch(services.messages_post)
+histories_read = DatabaseBatch(services.room_histories)
 
 
 def _log_read_failure(task: asyncio.Task) -> None:
@@ -421,8 +423,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_history(self, command: protocol.HistoryRequest) -> None:
         self.check_request_rate()
-        page = await database_sync_to_async(services.room_history)(
-            room=self.room, before=command.before, limit=command.limit
+        page = await histories_read(
+            services.HistoryRead(
+                room=self.room, before=command.before, limit=command.limit
+            )
         )
         await self.send_event(
             protocol.event_history(

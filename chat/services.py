@@ -380,6 +380,34 @@ def room_history(*, room: Room, before: int | None, limit: int) -> MessagePage:
     )
 
 
+@dataclass(frozen=True)
+class HistoryRead:
+    """One `history` request: what `room_history` takes, for `room_histories`."""
+
+    room: Room
+    before: int | None
+    limit: int
+
+
+def room_histories(reads: list[HistoryRead]) -> list[MessagePage | Exception]:
+    """`room_history` for each of the requests a worker got together; the
+    same page is read once for all who asked. A hole in seq is the same on
+    every socket of a room on a worker (they hear its broadcasts in one
+    order), so its pages ask for the same page at the same moment. A read
+    that fails is that request's outcome (chat.batching)."""
+    pages: dict[tuple[int, int | None, int], MessagePage | Exception] = {}
+    for read in reads:
+        key = (read.room.pk, read.before, read.limit)
+        if key not in pages:
+            try:
+                pages[key] = room_history(
+                    room=read.room, before=read.before, limit=read.limit
+                )
+            except Exception as error:
+                pages[key] = error
+    return [pages[(read.room.pk, read.before, read.limit)] for read in reads]
+
+
 def room_messages_after(
     *, room: Room, since: int, limit: int
 ) -> tuple[list[protocol.MessageEvent], bool]:

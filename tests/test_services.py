@@ -377,6 +377,36 @@ def test_history_of_an_empty_room_is_empty(room):
     assert (page.events, page.has_more) == ([], False)
 
 
+def test_the_same_history_page_asked_for_together_is_read_once(five, other_room, alice):
+    """The sockets of a room on one worker see the same hole at the same
+    moment; a worker behind would otherwise read the page once for each."""
+    services.message_post(room=other_room, user=alice, text="elsewhere")
+    reads = [
+        services.HistoryRead(room=five, before=4, limit=2),
+        services.HistoryRead(room=five, before=4, limit=2),
+        services.HistoryRead(room=other_room, before=None, limit=2),
+        services.HistoryRead(room=five, before=4, limit=2),
+        services.HistoryRead(room=five, before=None, limit=1),
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        pages = services.room_histories(reads)
+    assert [(seqs(page), page.has_more) for page in pages] == [
+        ([2, 3], True),
+        ([2, 3], True),
+        ([1], False),
+        ([2, 3], True),
+        ([5], True),
+    ]
+    assert [page.events[0]["room"] for page in pages] == [
+        five.slug,
+        five.slug,
+        other_room.slug,
+        five.slug,
+        five.slug,
+    ]
+    assert len(queries) == 3
+
+
 @pytest.mark.parametrize(
     ("before", "limit", "expected", "has_more"),
     [
