@@ -9,4 +9,3 @@ class ChatConfig(AppConfig):
         from chat import access, checks, metrics  # noqa: F401 (checks registers)
 
         access.connect_receivers()
-        metrics.watch_layer_drops()

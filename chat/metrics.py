@@ -6,8 +6,6 @@ directly (not through the load balancer, which would pick one at random).
 
 from __future__ import annotations
 
-import logging
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -92,36 +90,6 @@ LAYER_DROPS = Counter(
     ["worker"],
     registry=REGISTRY,
 ).labels(worker=WORKER_ID)
-
-
-class _LayerDrops(logging.Filter):
-    """channels_redis's group_send drops a message to a full channel and says
-    so only at INFO ("%s of %s channels over capacity in group %s"): counted
-    here, and raised to WARNING, since a socket then misses a broadcast."""
-
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level  # what the logger let through before
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "%s of %s channels over capacity in group %s":
-            LAYER_DROPS.inc(record.args[0])
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return record.levelno >= self.level
-
-
-def watch_layer_drops() -> None:
-    """Counts the channel layer's drops (called once, when the app is ready).
-
-    The logger is opened to INFO so that the record exists whatever the log
-    level; the filter lets through only what it let through before, and the
-    drops, at WARNING.
-    """
-    channels_redis = logging.getLogger("channels_redis.core")
-    if any(isinstance(f, _LayerDrops) for f in channels_redis.filters):
-        return
-    channels_redis.addFilter(_LayerDrops(channels_redis.getEffectiveLevel()))
-    channels_redis.setLevel(min(logging.INFO, channels_redis.getEffectiveLevel()))
 
 
 def error_sent(code: str) -> None:

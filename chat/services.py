@@ -251,7 +251,11 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
     now = timezone.now()
     new: list[Message] = []
     for index, post in enumerate(posts):
-        locked = rooms[post.room.pk]
+        locked = rooms.get(post.room.pk)
+        if locked is None:
+            # Deleted meanwhile (by the admin): this post alone fails.
+            outcomes[index] = Room.DoesNotExist(f"room {post.room.slug} is gone")
+            continue
         key = (locked.pk, post.user.pk, post.client_id)
         if post.client_id is not None and key in stored:
             outcomes[index] = (stored[key], False)
@@ -335,8 +339,11 @@ def _stored_by_client_id(
     if not wanted:
         return {}
     # order_by(): the model's default ordering would join the rooms to sort.
+    # All three columns, so that the unique index on them is used: without
+    # the user, each room's every message would be read under the locks.
     candidates = Message.objects.filter(
         room__in={room for room, _, _ in wanted},
+        user__in={user for _, user, _ in wanted},
         client_id__in={client_id for _, _, client_id in wanted},
     ).order_by()
     found = [

@@ -334,6 +334,33 @@ def test_posts_together_cost_the_queries_of_one(room, alice, bob):
     assert messages and not any("ORDER BY" in sql for sql in messages)
 
 
+def test_a_retry_is_looked_up_by_room_user_and_client_id(room, alice, bob):
+    """The lookup names all three columns of the unique index on them: with
+    room and client_id only, it reads each room's every message, under the
+    rooms' locks."""
+    post(room, alice, "first", client_id="c-1")
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = many((room, alice, "again", "c-1"), (room, bob, "new", "c-1"))
+    assert [(m.body, created) for m, created in outcomes] == [
+        ("first", False),
+        ("new", True),
+    ]
+    (lookup, *_) = [
+        q["sql"] for q in queries if q["sql"].startswith('SELECT "chat_message"')
+    ]
+    for column in ("room_id", "user_id", "client_id"):
+        assert f'"chat_message"."{column}" IN' in lookup, lookup
+
+
+def test_a_post_to_a_room_deleted_meanwhile_fails_alone(room, other_room, alice):
+    gone = Room.objects.get(pk=other_room.pk)
+    Room.objects.filter(pk=other_room.pk).delete()
+    outcomes = many((room, alice, "a", None), (gone, alice, "b", None))
+    assert outcomes[0][0].seq == 1
+    assert isinstance(outcomes[1], Room.DoesNotExist)
+    assert stored_seqs(room) == [1]
+
+
 def test_posts_to_many_rooms_together_cost_the_queries_of_one_room(room, alice, bob):
     """A batch holds its rooms' row locks while it writes: every step is one
     statement for all its rooms, so another worker's batch waits a handful of
