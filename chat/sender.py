@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 class OrderedSender:
+    # Group messages sent together at most (one Redis script runs them all,
+    # and Redis does nothing else meanwhile).
+    MAX_SENDS = 100
+
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[tuple[str, dict[str, Any]]] = deque()
@@ -60,13 +64,24 @@ class OrderedSender:
 
     async def _send_pending(self) -> None:
         layer = get_channel_layer()
+        send_many = getattr(layer, "group_send_many", None)
         while self._pending:
-            group, message = self._pending.popleft()
+            if send_many is None:
+                sends = [self._pending.popleft()]
+            else:
+                # What queued while the last ones went out goes out together:
+                # a write round's rooms, or the rounds of a busy worker.
+                count = min(len(self._pending), self.MAX_SENDS)
+                sends = [self._pending.popleft() for _ in range(count)]
             try:
-                await layer.group_send(group, message)
+                if send_many is None:
+                    await layer.group_send(*sends[0])
+                else:
+                    await send_many(sends)
             except Exception:
                 # What was stored stays stored: the sockets fill the gap by seq.
-                logger.warning("could not broadcast to %s", group, exc_info=True)
+                groups = ", ".join(sorted({group for group, _ in sends}))
+                logger.warning("could not broadcast to %s", groups, exc_info=True)
 
 
 sender = OrderedSender()

@@ -278,6 +278,53 @@ async def test_a_group_send_to_three_workers_takes_two_round_trips(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_messages_to_many_groups_go_in_two_round_trips_each_in_order(
+    channel_layer, redis_server, settings
+):
+    """What a worker's sender has queued (a write round's rooms, a busy
+    worker's rounds) goes out together; each channel pops its messages in
+    the order they were queued, however many share one script."""
+    from tests.conftest import redis_layer_config
+
+    names = ["default", "second"]
+    settings.CHANNEL_LAYERS = {
+        name: redis_layer_config(redis_server.url) for name in names
+    }
+    layers = [get_channel_layer(name) for name in names]
+    channels = [await layer.new_channel() for layer in layers]
+    # Both workers are in room.a, only the second in room.b.
+    await layers[0].group_add("room.a", channels[0])
+    await layers[1].group_add("room.a", channels[1])
+    await layers[1].group_add("room.b", channels[1])
+    sends = [
+        ("room.a" if n % 3 else "room.b", {"type": "chat.event", "text": str(n)})
+        for n in range(60)
+    ]
+    pool = layers[0].connection(0).connection_pool
+    trips = 0
+    get_connection = pool.get_connection
+
+    async def counted(*args, **kwargs):
+        nonlocal trips
+        trips += 1
+        return await get_connection(*args, **kwargs)
+
+    pool.get_connection = counted
+    try:
+        await layers[0].group_send_many(sends)
+    finally:
+        pool.get_connection = get_connection
+    try:
+        first = [(await layers[0].receive(channels[0]))["text"] for _ in range(40)]
+        second = [(await layers[1].receive(channels[1]))["text"] for _ in range(60)]
+    finally:
+        await layers[1].close_pools()
+    assert first == [str(n) for n in range(60) if n % 3]
+    assert second == [str(n) for n in range(60)]
+    assert trips == 2, f"{trips} round trips for {len(sends)} group messages"
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):

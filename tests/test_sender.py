@@ -60,3 +60,27 @@ def test_without_a_running_worker_loop_a_sync_broadcast_is_sent_before_it_return
     monkeypatch.setattr(layer, "group_send", recording_group_send)
     broadcast.broadcast_room("lobby", protocol.event_typing(user="u"))
     assert sent == [protocol.room_group_name("lobby")]
+
+
+async def test_broadcasts_queued_while_one_is_sent_go_out_together_in_order(
+    monkeypatch,
+):
+    """A write round's rooms, or a busy worker's rounds: one call to the
+    layer (two Redis round trips) for all that queued, not one each."""
+    layer = get_channel_layer()
+    gate = asyncio.Event()
+    calls: list[list[str]] = []
+
+    async def held_group_send_many(sends: list) -> None:
+        calls.append([json.loads(message["text"])["user"] for _, message in sends])
+        await gate.wait()
+
+    monkeypatch.setattr(layer, "group_send_many", held_group_send_many)
+    sender.bind(asyncio.get_running_loop())
+    broadcast.broadcast_room("lobby", protocol.event_typing(user="u0"))
+    await until(lambda: calls)
+    for n in range(1, 4):
+        broadcast.broadcast_room(f"room-{n}", protocol.event_typing(user=f"u{n}"))
+    gate.set()
+    await until(lambda: len(calls) == 2)
+    assert calls == [["u0"], ["u1", "u2", "u3"]]
