@@ -330,7 +330,6 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._joins = Batch(self._group_add_many)
-        self._counts = Batch(self._window_count_many)
         # Reads whose receive was cancelled: they end after the pop under way.
         self._last_pop: set[asyncio.Task] = set()
 
@@ -473,32 +472,17 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     ) -> tuple[int, int]:
         """The shared counter of chat.limits.SharedRateLimit, in the layer's Redis.
 
-        Every worker on this layer counts in the same keys. The counts asked
-        for while the last ones are under way (a busy worker's posts) go
-        together: one round trip per Redis server for all of them.
+        Every worker on this layer counts in the same keys: one round trip.
         """
-        return await self._counts((key, index, ttl, delta))
-
-    async def _window_count_many(
-        self, counts: list[tuple[str, int, int, int]]
-    ) -> list[tuple[int, int]]:
-        by_server: dict[int, list[int]] = {}
-        names = [f"{self.prefix}:rate:{key}" for key, _, _, _ in counts]
-        for n, name in enumerate(names):
-            by_server.setdefault(self.consistent_hash(name), []).append(n)
-        outcomes: list[tuple[int, int]] = [(0, 0)] * len(counts)
-        for server, numbers in by_server.items():
-            async with self.connection(server).pipeline(transaction=False) as pipe:
-                for n in numbers:
-                    _, index, ttl, delta = counts[n]
-                    pipe.get(f"{names[n]}:{index - 1}")
-                    pipe.incrby(f"{names[n]}:{index}", delta)
-                    pipe.expire(f"{names[n]}:{index}", ttl)
-                replies = await pipe.execute()
-            for k, n in enumerate(numbers):
-                previous, current = replies[3 * k], replies[3 * k + 1]
-                outcomes[n] = (int(previous or 0), int(current))
-        return outcomes
+        name = f"{self.prefix}:rate:{key}"
+        async with self.connection(self.consistent_hash(name)).pipeline(
+            transaction=False
+        ) as pipe:
+            pipe.get(f"{name}:{index - 1}")
+            pipe.incrby(f"{name}:{index}", delta)
+            pipe.expire(f"{name}:{index}", ttl)
+            previous, current, _ = await pipe.execute()
+        return int(previous or 0), int(current)
 
     async def upstream_group_add(self, group: str, channel: str) -> None:
         # Each socket joins its user's group: a storm of handshakes is as many

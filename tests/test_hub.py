@@ -325,34 +325,6 @@ async def test_messages_to_many_groups_go_in_two_round_trips_each_in_order(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
-async def test_rate_counts_asked_for_together_take_one_round_trip(
-    channel_layer, redis_server
-):
-    """A busy worker's posts each count toward their user's shared limit:
-    the counts asked for together go in one pipeline, each as if alone."""
-    layer = get_channel_layer()
-    pool = layer.connection(0).connection_pool
-    trips = 0
-    get_connection = pool.get_connection
-
-    async def counted(*args, **kwargs):
-        nonlocal trips
-        trips += 1
-        return await get_connection(*args, **kwargs)
-
-    keys = ["posts:same"] * 10 + [f"posts:user{n}" for n in range(20)]
-    await layer.window_count("posts:same", 6, 30, delta=4)  # the window before
-    pool.get_connection = counted
-    try:
-        counts = await asyncio.gather(*(layer.window_count(key, 7, 30) for key in keys))
-    finally:
-        pool.get_connection = get_connection
-    assert counts[:10] == [(4, n) for n in range(1, 11)]
-    assert counts[10:] == [(0, 1)] * 20
-    assert trips == 1, f"{trips} round trips for {len(keys)} counts"
-
-
-@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
