@@ -330,6 +330,8 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._joins = Batch(self._group_add_many)
+        # The lowest score group_send_many may give next (see there).
+        self._next_score = 0.0
         # Reads whose receive was cancelled: they end after the pop under way.
         self._last_pop: set[asyncio.Task] = set()
 
@@ -370,20 +372,27 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         two round trips per Redis server for all of them, where it takes four
         each: the groups' live members in one pipeline, then one script. A
         message to a full channel is dropped and counted (the sockets fill the
-        gap by seq)."""
+        gap by seq). With several Redis servers, one that fails loses only
+        what goes through it; the first error is raised once the rest is sent.
+        """
+        failure: Exception | None = None
         groups: dict[int, dict[str, None]] = {}  # per server, each group once
         for group, _ in sends:
             assert self.require_valid_group_name(group), "Group name not valid"
             groups.setdefault(self.consistent_hash(group), {})[group] = None
         members: dict[str, list[str]] = {}
         for index, names in groups.items():
-            async with self.connection(index).pipeline(transaction=False) as pipe:
-                for group in names:
-                    key = self._group_key(group)
-                    cutoff = int(time.time()) - self.group_expiry
-                    pipe.zremrangebyscore(key, min=0, max=cutoff)
-                    pipe.zrange(key, 0, -1)
-                replies = await pipe.execute()
+            try:
+                async with self.connection(index).pipeline(transaction=False) as pipe:
+                    for group in names:
+                        key = self._group_key(group)
+                        cutoff = int(time.time()) - self.group_expiry
+                        pipe.zremrangebyscore(key, min=0, max=cutoff)
+                        pipe.zrange(key, 0, -1)
+                    replies = await pipe.execute()
+            except Exception as error:
+                failure = failure or error
+                continue
             for group, channels in zip(names, replies[1::2], strict=True):
                 members[group] = [channel.decode("utf8") for channel in channels]
         # Per Redis server: each message's channel keys, in the order sent.
@@ -391,6 +400,8 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
         contents: dict[int, list[bytes]] = {}
         capacities: dict[int, list[int]] = {}
         for group, message in sends:
+            if group not in members:
+                continue  # its server failed
             by_server, messages, capacity = self._map_channel_keys_to_connection(
                 members[group], {**message, GROUP_KEY: group}
             )
@@ -401,17 +412,24 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
                     capacity[k] for k in channel_keys
                 )
         for index, channel_keys in keys.items():
-            now = time.time()
-            dropped = await self.connection(index).eval(
-                GROUP_SEND_SCRIPT,
-                len(channel_keys),
-                *channel_keys,
-                *contents[index],
-                *capacities[index],
-                now,
-                int(now) - int(self.expiry),
-                self.expiry,
-            )
+            # A key's scores in one script run up from `now` by a microsecond
+            # a message: the next call starts above them, whatever the clock.
+            now = max(time.time(), self._next_score)
+            self._next_score = now + (len(channel_keys) + 1) / 1e6
+            try:
+                dropped = await self.connection(index).eval(
+                    GROUP_SEND_SCRIPT,
+                    len(channel_keys),
+                    *channel_keys,
+                    *contents[index],
+                    *capacities[index],
+                    now,
+                    int(now) - int(self.expiry),
+                    self.expiry,
+                )
+            except Exception as error:
+                failure = failure or error
+                continue
             if dropped:
                 metrics.LAYER_DROPS.inc(dropped)
                 logger.warning(
@@ -420,6 +438,8 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
                     len(channel_keys),
                     ", ".join(sorted({group for group, _ in sends})),
                 )
+        if failure is not None:
+            raise failure
 
     async def _pop_batch(self, channel: str) -> tuple[Any, dict[str, Any]]:
         """receive_single for this process's channels, which share one Redis

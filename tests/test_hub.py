@@ -325,6 +325,52 @@ async def test_messages_to_many_groups_go_in_two_round_trips_each_in_order(
 
 
 @pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
+async def test_a_redis_server_down_loses_only_the_messages_it_carries(
+    channel_layer, redis_server
+):
+    """Sharded over two servers, one down: the group messages of the other
+    still go out, and the sender hears of the failure."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from chat.hub import RedisHubLayer
+    from harness.processes import free_port
+
+    hosts = [
+        {"address": redis_server.url, "socket_timeout": 2},
+        {"address": f"redis://127.0.0.1:{free_port()}", "socket_connect_timeout": 2},
+    ]
+    # A worker whose channels live on the server that is up (index 0).
+    while True:
+        layer = RedisHubLayer(hosts=hosts)
+        channel = await layer.new_channel()
+        if layer.consistent_hash(layer.non_local_name(channel)) == 0:
+            break
+    live, dead = (
+        next(
+            f"room.s{n}" for n in range(100) if layer.consistent_hash(f"room.s{n}") == i
+        )
+        for i in (0, 1)
+    )
+    await layer.group_add(live, channel)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await layer.group_send_many(
+                [
+                    (dead, {"type": "chat.event", "text": "lost"}),
+                    (live, {"type": "chat.event", "text": "1"}),
+                    (live, {"type": "chat.event", "text": "2"}),
+                ]
+            )
+        received = [
+            (await asyncio.wait_for(layer.receive(channel), 5))["text"]
+            for _ in range(2)
+        ]
+    finally:
+        await layer.close_pools()
+    assert received == ["1", "2"]
+
+
+@pytest.mark.parametrize("channel_layer", ["redis"], indirect=True)
 async def test_a_worker_with_no_socket_in_a_room_receives_nothing_for_it(
     connect, alice, bob, room, redis_server, settings
 ):
