@@ -856,25 +856,30 @@ class SecondWorker:
         """While inside, what the app sends (its broadcasts) leaves through this
         worker's layer instance, as it would from a process of its own.
 
-        Yields the groups sent to that way.
+        Yields the groups sent to that way (by group_send, or by the worker's
+        sender's group_send_many; a group may be listed twice).
         """
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 
         layer, default = self.layer, channel_layers[DEFAULT_CHANNEL_LAYER]
-        group_send = layer.group_send
+        group_send, group_send_many = layer.group_send, layer.group_send_many
         sent: list[str] = []
 
         async def recorded(group: str, message: dict) -> None:
             sent.append(group)
             await group_send(group, message)
 
-        layer.group_send = recorded
+        async def recorded_many(sends: list) -> None:
+            sent.extend(group for group, _ in sends)
+            await group_send_many(sends)
+
+        layer.group_send, layer.group_send_many = recorded, recorded_many
         channel_layers.backends[DEFAULT_CHANNEL_LAYER] = layer
         try:
             yield sent
         finally:
             channel_layers.backends[DEFAULT_CHANNEL_LAYER] = default
-            del layer.group_send
+            del layer.group_send, layer.group_send_many
 
 
 @pytest.fixture
