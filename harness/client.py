@@ -20,11 +20,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from harness.wire import (
     CLOSE_ABNORMAL,
-    RECONNECT_CODES,
     decode_events,
     handshake_headers,
     message_frame,
     reconnect_wait,
+    reconnects_after,
     socket_url,
     view_after,
 )
@@ -307,7 +307,8 @@ HOLE_GRACE_SECONDS = 0.5
 class ChatPage:
     """One user's page in one room, reading every frame as it comes.
 
-    On 1001/1006/1012/1013 it reconnects (harness.wire.reconnect_wait: from
+    On any close but a policy one (harness.wire.reconnects_after), as the
+    page does, it reconnects (harness.wire.reconnect_wait: from
     0.1 s up to 1 s, afresh after 1001, 1012 or a stable socket) with
     ?since=<last seq> and resends what the room has not echoed yet, with the
     same client_id. A hole in the seqs it holds (a broadcast the layer dropped,
@@ -406,7 +407,7 @@ class ChatPage:
         while not self.stopped:
             self.opened_at = None
             code = await self.session()
-            if self.stopped or not self.reconnect or code not in RECONNECT_CODES:
+            if self.stopped or not self.reconnect or not reconnects_after(code):
                 return
             opened = self.opened_at
             wait = reconnect_wait(

@@ -13,29 +13,35 @@ from typing import Any
 
 from chat.protocol import (
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_SERVICE_RESTART,
-    CLOSE_TRY_AGAIN_LATER,
     SUBPROTOCOL_BATCH,
 )
 
 __all__ = [
     "CLOSE_ABNORMAL",
-    "RECONNECT_CODES",
     "SUBPROTOCOL_BATCH",
     "decode_events",
     "handshake_headers",
     "message_frame",
     "reconnect_wait",
+    "reconnects_after",
     "socket_url",
     "view_after",
 ]
 
 # What a client sees when the connection ends without a close frame.
 CLOSE_ABNORMAL = 1006
-# What the page reconnects on (docs/protocol.md); never on the 44xx refusals.
-RECONNECT_CODES = frozenset(
-    {CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER}
-)
+
+
+def reconnects_after(code: int) -> bool:
+    """Whether the page reconnects after a close with `code` (connection.js,
+    docs/protocol.md): after any close but the policy ones, 1008 and the 44xx
+    refusals (4008, too slow, is a 40xx: it reconnects). So also after 1011
+    (the server failed) or 1009: a client that stopped there would leave its
+    user offline for good, and its unacknowledged posts unsent."""
+    return code != CLOSE_POLICY_VIOLATION and not 4400 <= code < 4500
+
 
 # The page's backoff starts afresh after a socket that stayed open this long
 # (STABLE_AFTER_MS in connection.js): a drop now and then is no sign of trouble.

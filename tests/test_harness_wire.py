@@ -1,6 +1,13 @@
-"""The test clients' reconnect policy (harness.wire.reconnect_wait), which the
-soak and the recovery figures depend on: it must back off as the page does."""
+"""The test clients' reconnect policy (harness.wire.reconnects_after and
+reconnect_wait), which the soak and the recovery figures depend on: it must
+reconnect when the page does and back off as the page does."""
 
+import re
+from pathlib import Path
+
+import pytest
+
+from chat import protocol
 from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 from harness.wire import (
     CLOSE_ABNORMAL,
@@ -8,7 +15,41 @@ from harness.wire import (
     RECONNECT_FIRST_SECONDS,
     STABLE_AFTER_SECONDS,
     reconnect_wait,
+    reconnects_after,
 )
+
+CONNECTION_JS = Path(__file__).parent.parent / "chat/static/chat/connection.js"
+
+
+def the_pages_policy_closes() -> set[int]:
+    """The codes after which the page stops (CLOSE_REASONS in connection.js)."""
+    reasons = re.search(
+        r"const CLOSE_REASONS = \{(.*?)\n\};", CONNECTION_JS.read_text(), re.S
+    )
+    return {int(code) for code in re.findall(r"^\s*(\d{4}):", reasons.group(1), re.M)}
+
+
+def test_the_test_clients_stop_where_the_page_stops():
+    stops = the_pages_policy_closes()
+    assert {protocol.CLOSE_POLICY_VIOLATION, protocol.CLOSE_FORBIDDEN} <= stops
+    for code in stops | {4400, 4499}:
+        assert not reconnects_after(code), code
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        CLOSE_GOING_AWAY,
+        CLOSE_ABNORMAL,
+        1009,  # a frame too big, closed by daphne
+        1011,  # the server failed: a page that stopped would stay offline
+        CLOSE_SERVICE_RESTART,
+        CLOSE_TRY_AGAIN_LATER,
+        protocol.CLOSE_TOO_SLOW,
+    ],
+)
+def test_the_test_clients_reconnect_after_any_other_close(code):
+    assert reconnects_after(code)
 
 
 def waits(closes):
