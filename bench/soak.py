@@ -82,6 +82,8 @@ class Report:
     restarts: int = 0
     drops: int = 0
     reconnects: int = 0
+    # How the pages' sockets were closed, by code: a 1011 is a server failure.
+    closes: dict[int, int] = field(default_factory=dict)
     missing: dict[str, int] = field(default_factory=dict)
     unexpected: dict[str, int] = field(default_factory=dict)
     stored_twice: int = 0
@@ -298,6 +300,14 @@ async def run(options: Options, log=print) -> Report:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
         stored, report.stored_twice = await asyncio.to_thread(stored_messages, cluster)
+        for page in pages:  # before they stop (1000)
+            for code in page.closes:
+                report.closes[code] = report.closes.get(code, 0) + 1
+        if any(page.unacked for page in pages):
+            # Why a page never caught up is in the workers' logs, gone with
+            # the cluster once it stops.
+            for name, text in cluster.logs().items():
+                log(f"--- {name}\n{text}")
         await asyncio.gather(*(page.stop() for page in pages))
 
     report.stored = sum(len(messages) for messages in stored.values())
