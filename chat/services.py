@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Case, Count, F, OuterRef, Q, Subquery, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -215,8 +215,7 @@ def messages_post(posts: list[Post]) -> list[PostOutcome]:
     fail the others.
     """
     try:
-        with transaction.atomic():
-            return _store_posts(posts)
+        return _store_posts_atomically(posts)
     except Exception:
         if len(posts) == 1:
             raise
@@ -229,10 +228,26 @@ def messages_post(posts: list[Post]) -> list[PostOutcome]:
     return outcomes
 
 
+def _store_posts_atomically(posts: list[Post]) -> list[PostOutcome]:
+    try:
+        with transaction.atomic():
+            return _store_posts(posts)
+    except IntegrityError:
+        # Another worker stored a copy of one of these posts (its client_id)
+        # after the lookup and before the locks: looked up again, it is found.
+        with transaction.atomic():
+            return _store_posts(posts)
+
+
 def _store_posts(posts: list[Post]) -> list[PostOutcome]:
     outcomes: list[PostOutcome | None] = [None] * len(posts)
-    # The row locks serialise posts to a room, so seq has no holes and a
-    # concurrent retry of the same client_id finds the first copy. One query
+    # Retries are looked up before the rooms are locked: every worker's write
+    # rounds take the same rooms' locks one after another, so each statement
+    # under them delays them all. A copy that another worker commits between
+    # the lookup and the locks fails the insert on the unique index of (room,
+    # user, client_id), and the batch is tried again (above).
+    stored = _stored_by_client_id(posts)
+    # The row locks serialise posts to a room, so seq has no holes. One query
     # locks every room of the batch, in the order of their ids: two workers'
     # batches naming the same rooms in other orders would deadlock (on
     # PostgreSQL). Every step below is one statement for all the rooms, so a
@@ -243,7 +258,6 @@ def _store_posts(posts: list[Post]) -> list[PostOutcome]:
         .filter(pk__in={post.room.pk for post in posts})
         .order_by("pk")
     }
-    stored = _stored_by_client_id(posts)
     # A retry of a post stored earlier is broadcast again: its worker may
     # have died between commit and broadcast, and in a quiet room no later
     # seq shows the pages the hole. A page drops a seq it has.
@@ -340,7 +354,7 @@ def _stored_by_client_id(
         return {}
     # order_by(): the model's default ordering would join the rooms to sort.
     # All three columns, so that the unique index on them is used: without
-    # the user, each room's every message would be read under the locks.
+    # the user, each room's every message would be read.
     candidates = Message.objects.filter(
         room__in={room for room, _, _ in wanted},
         user__in={user for _, user, _ in wanted},

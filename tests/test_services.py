@@ -352,6 +352,47 @@ def test_a_retry_is_looked_up_by_room_user_and_client_id(room, alice, bob):
         assert f'"chat_message"."{column}" IN' in lookup, lookup
 
 
+def test_retries_are_looked_up_before_the_rooms_are_locked(room, alice):
+    """Every worker's write rounds take the same rooms' locks one after
+    another: the lookup is not one more statement under them."""
+    with CaptureQueriesContext(connection) as queries:
+        many((room, alice, "a", "c-1"))
+    sqls = [q["sql"] for q in queries]
+    (lookup,) = [i for i, sql in enumerate(sqls) if '"client_id" IN' in sql]
+    (locking,) = [
+        i for i, sql in enumerate(sqls) if sql.startswith('SELECT "chat_room"')
+    ]
+    assert lookup < locking
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_copy_stored_after_the_lookup_is_found_on_a_second_try(
+    room, alice, monkeypatch, broadcasts
+):
+    # Another worker stores the same client_id between this batch's lookup
+    # and its locks: the insert fails on the unique index, and the batch,
+    # tried again, finds that copy.
+    first, _ = post(room, alice, "first", client_id="c-1")
+    lookup = services._stored_by_client_id
+    lookups = []
+
+    def missed_once(posts):
+        lookups.append(len(posts))
+        return {} if len(lookups) == 1 else lookup(posts)
+
+    monkeypatch.setattr(services, "_stored_by_client_id", missed_once)
+    outcomes = many((room, alice, "again", "c-1"), (room, alice, "new", "c-2"))
+    assert lookups == [2, 2]
+    assert [(m.body, m.seq, created) for m, created in outcomes] == [
+        ("first", 1, False),
+        ("new", 2, True),
+    ]
+    assert outcomes[0][0].pk == first.pk
+    assert stored_seqs(room) == [1, 2]
+    room.refresh_from_db()
+    assert room.last_seq == 2  # the failed try's seqs are rolled back
+
+
 def test_a_post_to_a_room_deleted_meanwhile_fails_alone(room, other_room, alice):
     gone = Room.objects.get(pk=other_room.pk)
     Room.objects.filter(pk=other_room.pk).delete()
