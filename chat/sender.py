@@ -65,19 +65,21 @@ class OrderedSender:
     async def _send_pending(self) -> None:
         layer = get_channel_layer()
         send_many = getattr(layer, "group_send_many", None)
+        if send_many is None:
+            most = 1
+
+            async def send_many(sends: list) -> None:
+                await layer.group_send(*sends[0])
+
+        else:
+            # What queued while the last ones went out goes out together: a
+            # write round's rooms, or the rounds of a busy worker.
+            most = self.MAX_SENDS
         while self._pending:
-            if send_many is None:
-                sends = [self._pending.popleft()]
-            else:
-                # What queued while the last ones went out goes out together:
-                # a write round's rooms, or the rounds of a busy worker.
-                count = min(len(self._pending), self.MAX_SENDS)
-                sends = [self._pending.popleft() for _ in range(count)]
+            count = min(len(self._pending), most)
+            sends = [self._pending.popleft() for _ in range(count)]
             try:
-                if send_many is None:
-                    await layer.group_send(*sends[0])
-                else:
-                    await send_many(sends)
+                await send_many(sends)
             except Exception:
                 # What was stored stays stored: the sockets fill the gap by seq.
                 groups = ", ".join(sorted({group for group, _ in sends}))
