@@ -212,7 +212,8 @@ def messages_post(posts: list[Post]) -> list[PostOutcome]:
     (chat/batching.py), so a busy worker pays one transaction and one room
     update per room for all of them, not one each. Should the transaction fail
     as a whole, each post is tried again alone, so that one bad post does not
-    fail the others.
+    fail the others; an IntegrityError first gets the batch one more try
+    (`_store_posts_atomically`).
     """
     try:
         return _store_posts_atomically(posts)
@@ -235,6 +236,8 @@ def _store_posts_atomically(posts: list[Post]) -> list[PostOutcome]:
     except IntegrityError:
         # Another worker stored a copy of one of these posts (its client_id)
         # after the lookup and before the locks: looked up again, it is found.
+        # (Any other IntegrityError, e.g. a user deleted meanwhile, which
+        # PostgreSQL reports at the commit, fails again and goes up.)
         with transaction.atomic():
             return _store_posts(posts)
 

@@ -391,6 +391,32 @@ def test_a_copy_stored_after_the_lookup_is_found_on_a_second_try(
     assert stored_seqs(room) == [1, 2]
     room.refresh_from_db()
     assert room.last_seq == 2  # the failed try's seqs are rolled back
+    # Only the try that committed is heard: the first, again, then the new one.
+    assert [(b["event"]["message"], b["event"]["seq"]) for b in broadcasts] == [
+        ("first", 1),
+        ("first", 1),
+        ("new", 2),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_resend_whose_copy_is_stored_after_the_lookup_gets_that_copy(
+    room, alice, monkeypatch
+):
+    # One post alone (a page's resend after a reconnect) has no other post
+    # to be tried without: it is the batch's second try that finds the copy.
+    first, _ = post(room, alice, "first", client_id="c-1")
+    lookup = services._stored_by_client_id
+    lookups = []
+
+    def missed_once(posts):
+        lookups.append(len(posts))
+        return {} if len(lookups) == 1 else lookup(posts)
+
+    monkeypatch.setattr(services, "_stored_by_client_id", missed_once)
+    message, created = post(room, alice, "again", client_id="c-1")
+    assert (message.pk, created) == (first.pk, False)
+    assert stored_seqs(room) == [1]
 
 
 def test_a_post_to_a_room_deleted_meanwhile_fails_alone(room, other_room, alice):
