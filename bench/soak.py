@@ -303,11 +303,15 @@ async def run(options: Options, log=print) -> Report:
         for page in pages:  # before they stop (1000)
             for code in page.closes:
                 report.closes[code] = report.closes.get(code, 0) + 1
-        if any(page.unacked for page in pages):
+        behind = [page for page in pages if page.unacked]
+        if behind:
             # Why a page never caught up is in the workers' logs, gone with
             # the cluster once it stops.
+            for page in behind:
+                log(f"left behind: {page.username}, closes {page.closes[-5:]}")
             for name, text in cluster.logs().items():
-                log(f"--- {name}\n{text}")
+                if name.startswith("worker"):
+                    log(f"--- {name}\n{text}")
         await asyncio.gather(*(page.stop() for page in pages))
 
     report.stored = sum(len(messages) for messages in stored.values())

@@ -39,7 +39,9 @@ def reconnects_after(code: int) -> bool:
     docs/protocol.md): after any close but the policy ones, 1008 and the 44xx
     refusals (4008, too slow, is a 40xx: it reconnects). So also after 1011
     (the server failed) or 1009: a client that stopped there would leave its
-    user offline for good, and its unacknowledged posts unsent."""
+    user offline for good, and its unacknowledged posts unsent. (After a
+    4401 that follows a welcome the page checks its sign-in once more; a
+    test page stops, as its session does not change.)"""
     return code != CLOSE_POLICY_VIOLATION and not 4400 <= code < 4500
 
 

@@ -81,9 +81,10 @@ def test_posting_churn_and_rolling_restarts_lose_nothing_and_level_off():
 
     # No socket ended in a server failure (the page reconnects after one,
     # but it is a bug all the same).
-    assert "1011" not in report["closes"], stderr[-3000:]
-    # Nothing acknowledged lost, nothing twice, nothing the database lacks.
-    assert report["unacknowledged"] == 0
+    assert "1011" not in report["closes"], stderr[-12000:]
+    # Nothing acknowledged lost, nothing twice, nothing the database lacks
+    # (stderr: the pages left behind, their closes, the workers' logs).
+    assert report["unacknowledged"] == 0, stderr[-12000:]
     assert report["stored"] == report["posted"]
     assert report["stored_twice"] == 0
     assert report["missing"] == {}, "pages miss messages the database holds"
