@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -365,22 +366,34 @@ def test_retries_are_looked_up_before_the_rooms_are_locked(room, alice):
     assert lookup < locking
 
 
+@pytest.fixture
+def next_lookup_misses(monkeypatch) -> Callable[[], list[int]]:
+    """Returns miss(): from then on the retries' next lookup finds nothing,
+    as when another worker stores a copy between a batch's lookup and its
+    locks; miss() returns the sizes of the lookups made from then on."""
+
+    def miss() -> list[int]:
+        lookup = services._stored_by_client_id
+        lookups: list[int] = []
+
+        def missed_once(posts):
+            lookups.append(len(posts))
+            return {} if len(lookups) == 1 else lookup(posts)
+
+        monkeypatch.setattr(services, "_stored_by_client_id", missed_once)
+        return lookups
+
+    return miss
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_copy_stored_after_the_lookup_is_found_on_a_second_try(
-    room, alice, monkeypatch, broadcasts
+    room, alice, next_lookup_misses, broadcasts
 ):
-    # Another worker stores the same client_id between this batch's lookup
-    # and its locks: the insert fails on the unique index, and the batch,
-    # tried again, finds that copy.
+    # The insert fails on the unique index, and the batch, tried again,
+    # finds that copy.
     first, _ = post(room, alice, "first", client_id="c-1")
-    lookup = services._stored_by_client_id
-    lookups = []
-
-    def missed_once(posts):
-        lookups.append(len(posts))
-        return {} if len(lookups) == 1 else lookup(posts)
-
-    monkeypatch.setattr(services, "_stored_by_client_id", missed_once)
+    lookups = next_lookup_misses()
     outcomes = many((room, alice, "again", "c-1"), (room, alice, "new", "c-2"))
     assert lookups == [2, 2]
     assert [(m.body, m.seq, created) for m, created in outcomes] == [
@@ -401,20 +414,14 @@ def test_a_copy_stored_after_the_lookup_is_found_on_a_second_try(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_resend_whose_copy_is_stored_after_the_lookup_gets_that_copy(
-    room, alice, monkeypatch
+    room, alice, next_lookup_misses
 ):
     # One post alone (a page's resend after a reconnect) has no other post
     # to be tried without: it is the batch's second try that finds the copy.
     first, _ = post(room, alice, "first", client_id="c-1")
-    lookup = services._stored_by_client_id
-    lookups = []
-
-    def missed_once(posts):
-        lookups.append(len(posts))
-        return {} if len(lookups) == 1 else lookup(posts)
-
-    monkeypatch.setattr(services, "_stored_by_client_id", missed_once)
+    lookups = next_lookup_misses()
     message, created = post(room, alice, "again", client_id="c-1")
+    assert lookups == [1, 1]
     assert (message.pk, created) == (first.pk, False)
     assert stored_seqs(room) == [1]
 
