@@ -381,12 +381,12 @@ class RedisHubLayer(HubLayerMixin, RedisChannelLayer):
             assert self.require_valid_group_name(group), "Group name not valid"
             groups.setdefault(self.consistent_hash(group), {})[group] = None
         members: dict[str, list[str]] = {}
+        cutoff = int(time.time()) - self.group_expiry  # members that expired
         for index, names in groups.items():
             try:
                 async with self.connection(index).pipeline(transaction=False) as pipe:
                     for group in names:
                         key = self._group_key(group)
-                        cutoff = int(time.time()) - self.group_expiry
                         pipe.zremrangebyscore(key, min=0, max=cutoff)
                         pipe.zrange(key, 0, -1)
                     replies = await pipe.execute()
